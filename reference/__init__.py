@@ -1,0 +1,42 @@
+"""Pure-PyTorch reference of SDTM (Structure-then-Detail Token Merging).
+
+Readable, unoptimised and free of Triton: the source of truth that the Triton kernels in
+``sdtm_kernels.csrc_triton`` are tested against. Installed as ``sdtm_kernels.reference``.
+
+Modules:
+    schedule    ratio schedule and the rounding rules of the released code
+    windows     token <-> window index arithmetic for any H x W grid
+    similarity  cosine normalisation, window scores, bipartite matching
+    plans       SSM, IDM and ToMe plan builders returning ``PlanTensors``
+    merge       merge (mean), prune, unmerge with the fused epilogue, ``li`` update
+"""
+from .merge import merge_mean, prune, unmerge, update_li
+from .plans import PlanTensors, assemble_plan, idm_plan, ssm_plan, tome_plan
+from .schedule import (
+    idm_tokens_to_merge,
+    ratio_schedule,
+    ssm_windows_to_merge,
+    tokens_requested,
+)
+from .similarity import bipartite_match, normalize_tokens, window_scores
+from .windows import window_token_index
+
+__all__ = [
+    "PlanTensors",
+    "assemble_plan",
+    "bipartite_match",
+    "idm_plan",
+    "idm_tokens_to_merge",
+    "merge_mean",
+    "normalize_tokens",
+    "prune",
+    "ratio_schedule",
+    "ssm_plan",
+    "ssm_windows_to_merge",
+    "tokens_requested",
+    "tome_plan",
+    "unmerge",
+    "update_li",
+    "window_scores",
+    "window_token_index",
+]

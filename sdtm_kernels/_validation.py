@@ -1,0 +1,86 @@
+"""Argument checks shared by the public API. Each error names the offending argument."""
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_int(name, value, minimum=None):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_float(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_pair(name, value):
+    """A pair of positive ints such as ``grid=(H, W)`` or ``window=(wh, ww)``."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"{name} must be a pair of ints (height, width), got {value!r}")
+    return tuple(check_int(f"{name}[{i}]", v, minimum=1) for i, v in enumerate(value))
+
+
+def check_tensor(name, value, ndim=None, dtypes=None):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name} must have rank {ndim}, got shape {tuple(value.shape)}")
+    if dtypes is not None and value.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} has unsupported dtype {value.dtype}; expected one of {names}")
+    return value
+
+
+def check_float_tokens(name, value):
+    """A ``[B, N, C]`` floating tensor with a unit stride in C."""
+    check_tensor(name, value, ndim=3, dtypes=FLOAT_DTYPES)
+    return value
+
+
+def check_same_device(name, value, reference_name, reference):
+    if value.device != reference.device:
+        raise ValueError(f"{name} is on {value.device} but {reference_name} is on {reference.device}")
+
+
+def check_grid(grid, window, num_tokens):
+    """Validate ``grid`` against N and ``window`` against the grid; return both as tuples."""
+    height, width = check_pair("grid", grid)
+    if height * width != num_tokens:
+        raise ValueError(f"grid {height}x{width} has {height * width} tokens but the metric has N={num_tokens}")
+    win_h, win_w = check_pair("window", window)
+    if win_h * win_w < 2:
+        raise ValueError(f"window must hold at least 2 tokens, got {win_h}x{win_w}")
+    if win_h > height or win_w > width:
+        raise ValueError(f"window {win_h}x{win_w} is larger than the grid {height}x{width}")
+    return (height, width), (win_h, win_w)
+
+
+def check_li(li, metric):
+    """``li``: integer ``[B, N]`` counter on the metric's device (or None)."""
+    if li is None:
+        return None
+    check_tensor("li", li, ndim=2)
+    if li.dtype.is_floating_point or li.dtype == torch.bool or li.is_complex():
+        raise TypeError(f"li must be an integer tensor (int32 counter), got {li.dtype}")
+    if tuple(li.shape) != tuple(metric.shape[:2]):
+        raise ValueError(f"li must have shape [B, N] = {tuple(metric.shape[:2])}, got {tuple(li.shape)}")
+    check_same_device("li", li, "metric", metric)
+    return li
+
+
+def check_generator(generator):
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return generator

@@ -1,0 +1,41 @@
+"""Backend selection: ``None``/``"auto"``, ``"reference"`` or ``"triton"``.
+
+``auto`` runs the Triton kernels on CUDA tensors where the op has one and the pure-PyTorch
+reference otherwise. ``triton`` forces the kernels (on CPU tensors they run in the Triton
+interpreter, which needs ``TRITON_INTERPRET=1`` set before triton is first imported).
+"""
+import importlib.util
+
+BACKENDS = ("auto", "reference", "triton")
+
+# Ops that have a Triton kernel in this release; the rest always run the reference.
+TRITON_OPS = frozenset()
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run this op here."""
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(backend, device, op: str) -> str:
+    """The backend that will run ``op`` on ``device``: ``"reference"`` or ``"triton"``."""
+    if backend is None:
+        backend = "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of None, {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    if backend == "reference":
+        return "reference"
+    if backend == "auto":
+        use_triton = op in TRITON_OPS and device.type == "cuda" and triton_installed()
+        return "triton" if use_triton else "reference"
+    if op not in TRITON_OPS:
+        raise BackendUnavailableError(
+            f"backend='triton' is not available for {op}: this release has no Triton kernel for it yet; "
+            "use backend='reference' or None"
+        )
+    if not triton_installed():
+        raise BackendUnavailableError("backend='triton' needs the triton package, which is not installed")
+    return "triton"

@@ -1,0 +1,186 @@
+"""``MergePlan``: the one representation every merging method produces (SPEC section 4)."""
+from dataclasses import InitVar, dataclass
+from typing import Optional
+
+import torch
+
+from . import ops
+from ._validation import FLOAT_DTYPES, check_float, check_same_device, check_tensor
+from .reference import merge as ref_merge
+
+MERGE_MODES = ("mean", "prune")
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+@dataclass(eq=False)
+class MergePlan:
+    """Which tokens share a row after merging, for a batch ``[B, N]`` of token grids.
+
+    Fields:
+        row_of_token  int32 [B, N]   merged row of each token (unmerge gathers by it)
+        members       int32 [B, N]   tokens grouped by row, ascending inside a row (CSR)
+        row_start     int32 [B, M+1] ``members[row_start[m]:row_start[m+1]]`` are row m's tokens
+        rep_token     int32 [B, M]   representative (dst) token of each row (prune, positions)
+        blend         bool  [B, N]   tokens that take ``mcw * value + (1 - mcw) * cache``
+        num_tokens    N, num_rows M  Python ints; ``num_removed = N - M``
+
+    Rows are ordered by their lowest member token, so singletons keep raster order.
+    Construction checks shapes and dtypes always; it checks the contents (every token in
+    exactly one non-empty row, counts summing to N, representatives inside their rows) when
+    ``validate=True``, or by default for CPU tensors outside ``torch.compile`` (on a GPU that
+    check would synchronise with the host: call ``plan.check()`` explicitly there).
+    """
+
+    row_of_token: torch.Tensor
+    members: torch.Tensor
+    row_start: torch.Tensor
+    rep_token: torch.Tensor
+    blend: torch.Tensor
+    num_tokens: int
+    num_rows: int
+    validate: InitVar[Optional[bool]] = None
+
+    def __post_init__(self, validate):
+        self._check_layout()
+        if validate is None:
+            validate = self.row_of_token.device.type == "cpu" and not _is_compiling()
+        if validate:
+            self.check()
+
+    # -- properties -------------------------------------------------------------------------
+    @property
+    def num_removed(self) -> int:
+        return self.num_tokens - self.num_rows
+
+    @property
+    def batch_size(self) -> int:
+        return self.row_of_token.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.row_of_token.device
+
+    @property
+    def row_counts(self) -> torch.Tensor:
+        """int32 [B, M]: members per row."""
+        return self.row_start[:, 1:] - self.row_start[:, :-1]
+
+    @classmethod
+    def identity(cls, batch: int, num_tokens: int, device=None) -> "MergePlan":
+        """Every token in its own row (``merge`` and ``unmerge`` are copies)."""
+        token = torch.arange(num_tokens, dtype=torch.int32, device=device).repeat(batch, 1)
+        starts = torch.arange(num_tokens + 1, dtype=torch.int32, device=device).repeat(batch, 1)
+        blend = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device)
+        return cls(token, token.clone(), starts, token.clone(), blend, num_tokens, num_tokens)
+
+    # -- validation -------------------------------------------------------------------------
+    def _check_layout(self):
+        n, m = self.num_tokens, self.num_rows
+        if not 0 <= m <= n or (n > 0 and m == 0):
+            raise ValueError(f"num_rows must be in [1, num_tokens={n}], got {m}")
+        batch = self.row_of_token.shape[0] if isinstance(self.row_of_token, torch.Tensor) else None
+        expected = {
+            "row_of_token": ((batch, n), torch.int32),
+            "members": ((batch, n), torch.int32),
+            "row_start": ((batch, m + 1), torch.int32),
+            "rep_token": ((batch, m), torch.int32),
+            "blend": ((batch, n), torch.bool),
+        }
+        for name, (shape, dtype) in expected.items():
+            value = check_tensor(name, getattr(self, name), ndim=2, dtypes=(dtype,))
+            if tuple(value.shape) != shape:
+                raise ValueError(f"{name} must have shape {list(shape)}, got {list(value.shape)}")
+            check_same_device(name, value, "row_of_token", self.row_of_token)
+
+    def check(self) -> "MergePlan":
+        """Full content check (reads values: a host synchronisation on a GPU)."""
+        batch, n, m = self.batch_size, self.num_tokens, self.num_rows
+        rows = self.row_of_token.long()
+        token = torch.arange(n, device=self.device)
+
+        def fail(message):
+            raise ValueError(f"invalid MergePlan: {message}")
+
+        if bool(((rows < 0) | (rows >= m)).any()):
+            fail(f"row_of_token has values outside [0, {m})")
+        if not torch.equal(self.members.long().sort(dim=1).values, token.expand(batch, n)):
+            fail("members is not a permutation of the tokens")
+        counts = self.row_counts.long()
+        if bool((self.row_start[:, 0] != 0).any()) or bool((self.row_start[:, -1] != n).any()):
+            fail(f"row_start must start at 0 and end at N={n}")
+        if bool((counts < 1).any()):
+            fail("every row must have at least one member (row_start must increase strictly)")
+        expected_rows = torch.repeat_interleave(
+            torch.arange(m, device=self.device).expand(batch, m).reshape(-1), counts.reshape(-1)
+        ).view(batch, n)
+        if not torch.equal(rows.gather(1, self.members.long()), expected_rows):
+            fail("members and row_start disagree with row_of_token")
+        reps = self.rep_token.long()
+        if bool(((reps < 0) | (reps >= n)).any()) or not torch.equal(
+            rows.gather(1, reps), torch.arange(m, device=self.device).expand(batch, m)
+        ):
+            fail("rep_token must name a member of its own row")
+        return self
+
+    def _check_tokens(self, name, x, length):
+        check_tensor(name, x, ndim=3, dtypes=FLOAT_DTYPES)
+        if x.shape[0] != self.batch_size or x.shape[1] != length:
+            raise ValueError(
+                f"{name} must have shape [B={self.batch_size}, {length}, C] for this plan, got {list(x.shape)}"
+            )
+        check_same_device(name, x, "the plan", self.row_of_token)
+
+    # -- applying the plan ------------------------------------------------------------------
+    def merge(self, x: torch.Tensor, mode: str = "mean", backend=None) -> torch.Tensor:
+        """``[B, N, C] -> [B, M, C]``. ``mean``: each row is the mean of its members.
+        ``prune``: each row is its representative token, ``x.gather(1, rep_token)``."""
+        self._check_tokens("x", x, self.num_tokens)
+        if mode == "mean":
+            return ops.merge(x, self.row_of_token, self.members, self.row_start, self.num_rows, backend=backend)
+        if mode == "prune":
+            return ops.prune(x, self.rep_token, backend=backend)
+        raise ValueError(f"mode must be one of {MERGE_MODES}, got {mode!r}")
+
+    def unmerge(self, y, *, residual=None, gate=None, cache=None, mcw: float = 1.0, backend=None):
+        """``[B, M, C] -> [B, N, C]``: ``v = y.gather(1, row_of_token)``, then
+        ``v = where(blend, mcw * v + (1 - mcw) * cache, v)`` when ``cache`` is given, and
+        ``out = residual + gate[:, None, :] * v`` for the terms given. Inputs are not modified."""
+        self._check_tokens("y", y, self.num_rows)
+        channels = y.shape[-1]
+        for name, value in (("residual", residual), ("cache", cache)):
+            if value is not None:
+                self._check_tokens(name, value, self.num_tokens)
+                if value.shape[-1] != channels:
+                    raise ValueError(f"{name} has C={value.shape[-1]} but y has C={channels}")
+                if value.dtype != y.dtype:
+                    raise TypeError(f"{name} has dtype {value.dtype} but y has {y.dtype}")
+        if gate is not None:
+            check_tensor("gate", gate, ndim=2, dtypes=FLOAT_DTYPES)
+            if tuple(gate.shape) != (self.batch_size, channels):
+                raise ValueError(f"gate must have shape [B, C] = {[self.batch_size, channels]}, got {list(gate.shape)}")
+            check_same_device("gate", gate, "y", y)
+        mcw = check_float("mcw", mcw)
+        if not 0.0 <= mcw <= 1.0:
+            raise ValueError(f"mcw must be in [0, 1], got {mcw}")
+        return ops.unmerge(
+            y, self.row_of_token, residual=residual, gate=gate, cache=cache, blend=self.blend, mcw=mcw,
+            backend=backend,
+        )
+
+    def update_li(self, li: Optional[torch.Tensor] = None, mode: str = "mean") -> torch.Tensor:
+        """New frequency counter (SPEC 3.4): ``li + 1``, reset to 0 on tokens computed
+        independently (singleton rows; in ``prune`` mode also every representative).
+        ``li=None`` means all zeros. Returns a new int32 ``[B, N]`` tensor."""
+        if mode not in MERGE_MODES:
+            raise ValueError(f"mode must be one of {MERGE_MODES}, got {mode!r}")
+        if li is not None:
+            check_tensor("li", li, ndim=2)
+            if tuple(li.shape) != tuple(self.row_of_token.shape):
+                raise ValueError(f"li must have shape {list(self.row_of_token.shape)}, got {list(li.shape)}")
+            if li.dtype.is_floating_point or li.dtype == torch.bool:
+                raise TypeError(f"li must be an integer tensor, got {li.dtype}")
+            check_same_device("li", li, "the plan", self.row_of_token)
+        return ref_merge.update_li(li, self.row_of_token, self.row_start, self.rep_token, mode)
