@@ -9,7 +9,9 @@ import importlib.util
 BACKENDS = ("auto", "reference", "triton")
 
 # Ops that have a Triton kernel in this release; the rest always run the reference.
-TRITON_OPS = frozenset()
+TRITON_MERGE_OPS = frozenset()  # merge / prune / unmerge (csrc_triton/merge.py)
+TRITON_PLAN_OPS = frozenset()  # window_scores / bipartite_match / plan_* (csrc_triton/scores.py, select.py)
+TRITON_OPS = TRITON_MERGE_OPS | TRITON_PLAN_OPS
 
 
 class BackendUnavailableError(RuntimeError):

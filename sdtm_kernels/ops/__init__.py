@@ -1,8 +1,9 @@
-"""Drop-in ops on plan tensors: ``merge``, ``prune``, ``unmerge``.
+"""Drop-in ops: ``window_scores``, ``bipartite_match``, ``merge``, ``prune``, ``unmerge``.
 
 Each takes a ``backend`` (``None``/``"auto"``, ``"reference"``, ``"triton"``); see
 ``sdtm_kernels.backend``. ``MergePlan.merge`` / ``MergePlan.unmerge`` call these.
 """
 from .apply import merge, prune, unmerge
+from .scores import bipartite_match, window_scores
 
-__all__ = ["merge", "prune", "unmerge"]
+__all__ = ["bipartite_match", "merge", "prune", "unmerge", "window_scores"]

@@ -1,0 +1,44 @@
+"""Similarity ops: SSM window scores and bipartite cosine matching."""
+import torch
+
+from .._validation import check_float, check_float_tokens, check_grid, check_li, check_same_device, check_tensor
+from ..backend import resolve_backend
+from ..reference import similarity as ref
+
+SCORE_VARIANTS = ("released", "paper")
+
+
+def window_scores(metric, grid, *, window=(2, 2), li=None, a_s=0.0, score="released", backend=None):
+    """SSM window scores ``[B, G]`` float32.
+
+    Equivalent to ``cos_gram(metric[:, window_tokens]).mean((-2, -1)) + a_s * li_priority``
+    (``score="paper"``: off-diagonal mean). See ``sdtm_kernels.reference.similarity``.
+    """
+    check_float_tokens("metric", metric)
+    grid, window = check_grid(grid, window, metric.shape[1])
+    check_li(li, metric)
+    a_s = check_float("a_s", a_s)
+    if score not in SCORE_VARIANTS:
+        raise ValueError(f"score must be one of {SCORE_VARIANTS}, got {score!r}")
+    resolve_backend(backend, metric.device, "window_scores")
+    return ref.window_scores(metric, grid, window, li=li, a_s=a_s, score=score)
+
+
+def bipartite_match(metric, cand_idx, dst_idx, *, backend=None):
+    """Best cosine match of each candidate among the dsts: ``(best float32 [B, Na], match int32 [B, Na])``.
+
+    Equivalent to ``(normalize(metric[cand_idx]) @ normalize(metric[dst_idx]).T).max(-1)``;
+    ``match`` is a position in ``dst_idx``, ties going to the lowest position.
+    """
+    check_float_tokens("metric", metric)
+    for name, idx in (("cand_idx", cand_idx), ("dst_idx", dst_idx)):
+        check_tensor(name, idx, ndim=2)
+        if idx.dtype.is_floating_point or idx.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer index tensor, got {idx.dtype}")
+        if idx.shape[0] != metric.shape[0]:
+            raise ValueError(f"{name} has batch {idx.shape[0]} but metric has B={metric.shape[0]}")
+        check_same_device(name, idx, "metric", metric)
+    if dst_idx.shape[1] == 0:
+        raise ValueError("dst_idx must hold at least one dst per batch row")
+    resolve_backend(backend, metric.device, "bipartite_match")
+    return ref.bipartite_match(metric, cand_idx, dst_idx)
