@@ -5,12 +5,13 @@ reference otherwise. ``triton`` forces the kernels (on CPU tensors they run in t
 interpreter, which needs ``TRITON_INTERPRET=1`` set before triton is first imported).
 """
 import importlib.util
+import os
 
 BACKENDS = ("auto", "reference", "triton")
 
 # Ops that have a Triton kernel in this release; the rest always run the reference.
-TRITON_MERGE_OPS = frozenset()  # merge / prune / unmerge (csrc_triton/merge.py)
-TRITON_PLAN_OPS = frozenset()  # window_scores / bipartite_match / plan_* (csrc_triton/scores.py, select.py)
+TRITON_MERGE_OPS = frozenset({"merge", "prune", "unmerge"})  # csrc_triton/merge.py
+TRITON_PLAN_OPS = frozenset({"window_scores", "bipartite_match", "plan_ssm", "plan_idm", "plan_tome"})  # csrc_triton/{scores,match,select}.py
 TRITON_OPS = TRITON_MERGE_OPS | TRITON_PLAN_OPS
 
 
@@ -40,4 +41,9 @@ def resolve_backend(backend, device, op: str) -> str:
         )
     if not triton_installed():
         raise BackendUnavailableError("backend='triton' needs the triton package, which is not installed")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise BackendUnavailableError(
+            f"backend='triton' on a {device.type} tensor runs the Triton interpreter, which needs "
+            "TRITON_INTERPRET=1 set before triton is first imported; or use backend='reference'"
+        )
     return "triton"

@@ -1,22 +1,108 @@
-"""Applying a plan to token tensors, dispatched to the reference or the Triton kernels."""
+"""Applying a plan to token tensors, dispatched to the reference or the Triton kernels.
+
+``backend="triton"`` calls the ``torch.ops.sdtm.*`` custom ops (registered in
+``_merge_library``: autograd with the same kernels, fake implementations for
+``torch.compile``). ``backend="reference"`` calls ``reference/merge.py`` directly: it is plain
+differentiable, traceable PyTorch, and the first custom-op call imports ``torch._dynamo``,
+which imports triton - CPU users of the reference should not pay for that. The custom ops
+accept ``"reference"`` too and give the same results.
+"""
+import torch
+
+from .._validation import FLOAT_DTYPES, check_float, check_int, check_same_device, check_tensor
 from ..backend import resolve_backend
 from ..reference import merge as ref
+from . import _merge_library  # noqa: F401 - registers torch.ops.sdtm.merge / prune / unmerge
+
+
+def _check_tokens(name, value, batch, length, channels=None):
+    """A floating ``[batch, length, C]`` tensor (``C == channels`` when given)."""
+    check_tensor(name, value, ndim=3, dtypes=FLOAT_DTYPES)
+    expected = [batch, length, "C" if channels is None else channels]
+    if value.shape[0] != batch or value.shape[1] != length or (channels is not None and value.shape[2] != channels):
+        raise ValueError(f"{name} must have shape {expected} for this plan, got {list(value.shape)}")
+
+
+def _check_index(name, value, shape, like, like_name, dtype=None):
+    """An integer (or ``dtype``) index tensor of ``shape`` on ``like``'s device."""
+    check_tensor(name, value, ndim=len(shape))
+    if dtype is not None and value.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {value.dtype}")
+    if dtype is None and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer index tensor, got {value.dtype}")
+    if list(value.shape) != list(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(value.shape)}")
+    check_same_device(name, value, like_name, like)
+
+
+def _check_merge_args(x, row_of_token, members, row_start, num_rows):
+    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor("row_of_token", row_of_token, ndim=2)
+    batch, num_tokens = row_of_token.shape
+    num_rows = check_int("num_rows", num_rows, minimum=1 if num_tokens else 0)
+    _check_tokens("x", x, batch, num_tokens)
+    _check_index("row_of_token", row_of_token, (batch, num_tokens), x, "x")
+    _check_index("members", members, (batch, num_tokens), x, "x")
+    _check_index("row_start", row_start, (batch, num_rows + 1), x, "x")
+    return num_rows
+
+
+def _check_unmerge_args(y, row_of_token, residual, gate, cache, blend, mcw):
+    check_tensor("y", y, ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor("row_of_token", row_of_token, ndim=2)
+    batch, num_tokens = row_of_token.shape
+    channels = y.shape[-1]
+    if y.shape[0] != batch:
+        raise ValueError(f"y has batch {y.shape[0]} but row_of_token has B={batch}")
+    _check_index("row_of_token", row_of_token, (batch, num_tokens), y, "y")
+    for name, value in (("residual", residual), ("cache", cache)):
+        if value is not None:
+            _check_tokens(name, value, batch, num_tokens, channels)
+            if value.dtype != y.dtype:
+                raise TypeError(f"{name} has dtype {value.dtype} but y has {y.dtype}")
+            check_same_device(name, value, "y", y)
+    if gate is not None:  # any float dtype: adaLN gates are often kept in fp32
+        check_tensor("gate", gate, ndim=2, dtypes=FLOAT_DTYPES)
+        if list(gate.shape) != [batch, channels]:
+            raise ValueError(f"gate must have shape [B, C] = {[batch, channels]}, got {list(gate.shape)}")
+        check_same_device("gate", gate, "y", y)
+    if blend is not None:
+        _check_index("blend", blend, (batch, num_tokens), y, "y", dtype=torch.bool)
+    mcw = check_float("mcw", mcw)
+    if not 0.0 <= mcw <= 1.0:
+        raise ValueError(f"mcw must be in [0, 1], got {mcw}")
+    return mcw
 
 
 def merge(x, row_of_token, members, row_start, num_rows: int, *, backend=None):
-    """Segment mean: ``out[b, m] = x[b, members[b, row_start[b, m]:row_start[b, m+1]]].mean(0)``."""
-    resolve_backend(backend, x.device, "merge")
-    return ref.merge_mean(x, row_of_token, num_rows)
+    """Segment mean ``[B, N, C] -> [B, M, C]``. Equivalent to
+    ``out[b, m] = x[b, members[b, row_start[b, m]:row_start[b, m+1]]].mean(0)``."""
+    num_rows = _check_merge_args(x, row_of_token, members, row_start, num_rows)
+    backend = resolve_backend(backend, x.device, "merge")
+    if backend == "reference":
+        return ref.merge_mean(x, row_of_token, num_rows)
+    return torch.ops.sdtm.merge(x, row_of_token, members, row_start, num_rows, backend)
 
 
 def prune(x, rep_token, *, backend=None):
-    """Representative gather: ``out[b, m] = x[b, rep_token[b, m]]``."""
-    resolve_backend(backend, x.device, "prune")
-    return ref.prune(x, rep_token)
+    """Representative gather. Equivalent to ``x.gather(1, rep_token[..., None].expand(-1, -1, C))``."""
+    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor("rep_token", rep_token, ndim=2)
+    if x.shape[0] != rep_token.shape[0]:
+        raise ValueError(f"x has batch {x.shape[0]} but rep_token has B={rep_token.shape[0]}")
+    _check_index("rep_token", rep_token, tuple(rep_token.shape), x, "x")
+    backend = resolve_backend(backend, x.device, "prune")
+    if backend == "reference":
+        return ref.prune(x, rep_token)
+    return torch.ops.sdtm.prune(x, rep_token, backend)
 
 
 def unmerge(y, row_of_token, *, residual=None, gate=None, cache=None, blend=None, mcw=1.0, backend=None):
-    """``v = y[b, row_of_token[b, t]]``; ``v = mcw*v + (1-mcw)*cache`` on ``blend`` tokens when a
-    cache is given; ``out = residual + gate[:, None] * v`` for the terms that are given."""
-    resolve_backend(backend, y.device, "unmerge")
-    return ref.unmerge(y, row_of_token, residual=residual, gate=gate, cache=cache, blend=blend, mcw=mcw)
+    """Unmerge with the fused DiT epilogue, every term optional. Equivalent to
+    ``v = y.gather(1, row_of_token[..., None].expand(-1, -1, C))``; ``v = where(blend, mcw*v + (1-mcw)*cache, v)``
+    when a cache is given (all tokens without ``blend``); ``out = residual + gate[:, None] * v``."""
+    mcw = _check_unmerge_args(y, row_of_token, residual, gate, cache, blend, mcw)
+    backend = resolve_backend(backend, y.device, "unmerge")
+    if backend == "reference":
+        return ref.unmerge(y, row_of_token, residual=residual, gate=gate, cache=cache, blend=blend, mcw=mcw)
+    return torch.ops.sdtm.unmerge(y, row_of_token, residual, gate, cache, blend, mcw, backend)
