@@ -12,10 +12,14 @@ from ._validation import (
     check_int,
     check_li,
 )
+import torch
+
 from .backend import resolve_backend
+from .ops import _score_library as lib
 from .plan import MergePlan
 from .reference import plans as ref_plans
 from .reference import schedule as ref_schedule
+from .reference.windows import window_token_index
 
 SCORE_VARIANTS = ("released", "paper")
 
@@ -81,7 +85,8 @@ def plan_ssm(metric, grid, n_remove, *, window=(2, 2), li=None, a_s=0.05, score=
     a_s = check_float("a_s", a_s)
     if score not in SCORE_VARIANTS:
         raise ValueError(f"score must be one of {SCORE_VARIANTS}, got {score!r}")
-    resolve_backend(backend, metric.device, "plan_ssm")
+    if resolve_backend(backend, metric.device, "plan_ssm") == "triton":
+        return _ssm_triton(metric, grid, n_remove, window, li, a_s, score, bool(random_dst), generator)
     tensors = ref_plans.ssm_plan(metric, grid, n_remove, window=window, li=li, a_s=a_s, score=score,
                                  random_dst=bool(random_dst), generator=generator)
     return _wrap(tensors, metric.shape[1])
@@ -100,7 +105,8 @@ def plan_idm(metric, grid, n_remove, *, window=(2, 2), li=None, random_dst=False
         the r candidates with the largest best (ties: lower token) join their dst's row
     """
     grid, window, n_remove = _common_checks(metric, grid, n_remove, window, li, generator)
-    resolve_backend(backend, metric.device, "plan_idm")
+    if resolve_backend(backend, metric.device, "plan_idm") == "triton":
+        return _idm_triton(metric, grid, n_remove, window, li, bool(random_dst), generator)
     tensors = ref_plans.idm_plan(metric, grid, n_remove, window=window, li=li, random_dst=bool(random_dst),
                                  generator=generator)
     return _wrap(tensors, metric.shape[1])
@@ -112,10 +118,109 @@ def plan_tome(metric, grid, n_remove, *, window=(2, 2), random_dst=True, generat
 
     Like ``plan_idm`` but the dst position of each window is drawn once and shared by the
     whole batch (``randint(K, (G,))``, or 0 without randomness) and exactly
-    ``min(n_remove, N - G)`` tokens are merged (no rounding to 16).
+    ``min(n_remove, N - G)`` tokens are merged (no rounding to 16). Plain PyTorch meaning::
+
+        dst[g]  = window g's token at position randint(K, (G,))[g] (0 without randomness), all rows
+        best, match = (normalize(metric[cand]) @ normalize(metric[dst]).T).max(-1)
+        the min(n_remove, N - G) candidates with the largest best (ties: lower token) join their dst
     """
     grid, window, n_remove = _common_checks(metric, grid, n_remove, window, None, generator)
-    resolve_backend(backend, metric.device, "plan_tome")
+    if resolve_backend(backend, metric.device, "plan_tome") == "triton":
+        return _tome_triton(metric, grid, n_remove, window, bool(random_dst), generator)
     tensors = ref_plans.tome_plan(metric, grid, n_remove, window=window, random_dst=bool(random_dst),
                                   generator=generator)
     return _wrap(tensors, metric.shape[1])
+
+
+# -- Triton path -------------------------------------------------------------------------------
+# Same decisions as reference/plans.py, with the sorts replaced: top-k by radix select
+# (ops.topk_rank), the candidate list and the plan tensors by prefix sums and scatters. The
+# random draws are the reference's, in the same shapes and order, so a seeded generator gives
+# the same plan on both backends. Nothing reads tensor values on the host.
+
+def _plan(metric, rep_of_token, num_rows, blend, rank_in_row=None) -> MergePlan:
+    row_of_token, members, row_start, rep_token = lib.assemble_plan(rep_of_token, num_rows, rank_in_row, "triton")
+    return MergePlan(row_of_token, members, row_start, rep_token, blend,
+                     num_tokens=metric.shape[1], num_rows=num_rows)
+
+
+def _ssm_triton(metric, grid, n_remove, window, li, a_s, score, random_dst, generator) -> MergePlan:
+    batch, num_tokens, _ = metric.shape
+    device = metric.device
+    tokens = window_token_index(grid, window, device=device)  # [G, K]
+    num_windows, window_size = tokens.shape
+    num_selected = ref_schedule.ssm_windows_to_merge(n_remove, window_size, num_windows)
+    scores = lib.window_scores(metric, li if a_s != 0.0 else None, grid[0], grid[1], window[0], window[1],
+                               a_s, score == "paper", "triton")
+    rank = lib.topk_rank(scores, num_selected, "triton").long()  # [B, G]: k-th selected in window order
+    selected = rank >= 0
+    dst_pos = ref_plans.draw_positions((batch, num_selected), window_size, random_dst, generator, device)
+    if num_selected > 0:  # the k-th draw goes to the k-th selected window
+        window_dst = dst_pos.gather(1, rank.clamp_min(0))
+    else:
+        window_dst = torch.zeros(batch, num_windows, dtype=torch.long, device=device)
+    window_tokens = tokens.expand(batch, -1, -1)  # [B, G, K]
+    dst_token = window_tokens.gather(2, window_dst.unsqueeze(-1))  # [B, G, 1]
+    in_selected = selected.unsqueeze(-1).expand(-1, -1, window_size)
+    flat_tokens = window_tokens.reshape(batch, -1)
+    rep_of_token = torch.arange(num_tokens, device=device).repeat(batch, 1)
+    rep_of_token.scatter_(1, flat_tokens, torch.where(in_selected, dst_token, window_tokens).reshape(batch, -1))
+    blend = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device)
+    blend.scatter_(1, flat_tokens, in_selected.reshape(batch, -1))
+    # Members of a window ascend with the position p, so p is the rank inside the row.
+    position = torch.arange(window_size, device=device).expand(batch, num_windows, -1)
+    rank_in_row = torch.zeros(batch, num_tokens, dtype=torch.long, device=device)
+    rank_in_row.scatter_(1, flat_tokens, torch.where(in_selected, position, 0).reshape(batch, -1))
+    num_rows = num_tokens - (window_size - 1) * num_selected
+    return _plan(metric, rep_of_token, num_rows, blend, rank_in_row)
+
+
+def _bipartite_triton(metric, window_tokens, dst_pos, num_merged) -> MergePlan:
+    batch, num_tokens, _ = metric.shape
+    device = metric.device
+    num_windows = window_tokens.shape[0]
+    num_cand = num_tokens - num_windows
+    dst_token = window_tokens.expand(batch, -1, -1).gather(2, dst_pos.unsqueeze(-1)).squeeze(-1)  # [B, G]
+    is_dst = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device)
+    is_dst.scatter_(1, dst_token, True)
+    token = torch.arange(num_tokens, device=device).expand(batch, num_tokens)
+    # Candidates in ascending token order: the slot of a non-dst is the count of non-dsts before it;
+    # dsts write to a spare slot that is cut off.
+    slot = torch.cumsum((~is_dst).long(), dim=1) - 1
+    cand_token = torch.zeros(batch, num_cand + 1, dtype=torch.long, device=device)
+    cand_token.scatter_(1, torch.where(is_dst, num_cand, slot), token)
+    cand_token = cand_token[:, :num_cand]
+
+    best, match = lib.bipartite_match(metric, cand_token, dst_token, "triton")
+    chosen = lib.topk_rank(best, num_merged, "triton") >= 0  # [B, Na]
+    merged_into = dst_token.gather(1, match.long())
+    target = torch.where(chosen, cand_token, num_tokens)  # unchosen -> spare slot
+    rep_of_token = torch.arange(num_tokens + 1, device=device).repeat(batch, 1)
+    rep_of_token.scatter_(1, target, merged_into)
+    blend = torch.zeros(batch, num_tokens + 1, dtype=torch.bool, device=device)
+    blend.scatter_(1, target, True)
+    blend = blend[:, :num_tokens] | is_dst
+    return _plan(metric, rep_of_token[:, :num_tokens], num_tokens - num_merged, blend)
+
+
+def _idm_triton(metric, grid, n_remove, window, li, random_dst, generator) -> MergePlan:
+    batch, num_tokens, _ = metric.shape
+    device = metric.device
+    tokens = window_token_index(grid, window, device=device)
+    num_windows, window_size = tokens.shape
+    if li is not None:
+        dst_pos = li[:, tokens].argmax(dim=-1)  # first maximum
+    else:
+        dst_pos = ref_plans.draw_positions((batch, num_windows), window_size, random_dst, generator, device)
+    num_merged = ref_schedule.idm_tokens_to_merge(n_remove, num_tokens - num_windows)
+    return _bipartite_triton(metric, tokens, dst_pos, num_merged)
+
+
+def _tome_triton(metric, grid, n_remove, window, random_dst, generator) -> MergePlan:
+    batch, num_tokens, _ = metric.shape
+    device = metric.device
+    tokens = window_token_index(grid, window, device=device)
+    num_windows, window_size = tokens.shape
+    dst_pos = ref_plans.draw_positions((num_windows,), window_size, random_dst, generator, device)
+    num_merged = min(n_remove, num_tokens - num_windows)
+    return _bipartite_triton(metric, tokens, dst_pos.expand(batch, -1), num_merged)

@@ -3,7 +3,7 @@ import torch
 
 from .._validation import check_float, check_float_tokens, check_grid, check_li, check_same_device, check_tensor
 from ..backend import resolve_backend
-from ..reference import similarity as ref
+from . import _score_library as lib
 
 SCORE_VARIANTS = ("released", "paper")
 
@@ -20,8 +20,10 @@ def window_scores(metric, grid, *, window=(2, 2), li=None, a_s=0.0, score="relea
     a_s = check_float("a_s", a_s)
     if score not in SCORE_VARIANTS:
         raise ValueError(f"score must be one of {SCORE_VARIANTS}, got {score!r}")
-    resolve_backend(backend, metric.device, "window_scores")
-    return ref.window_scores(metric, grid, window, li=li, a_s=a_s, score=score)
+    backend = resolve_backend(backend, metric.device, "window_scores")
+    if a_s == 0.0:
+        li = None  # no bonus: the kernel skips reading li
+    return lib.window_scores(metric, li, grid[0], grid[1], window[0], window[1], a_s, score == "paper", backend)
 
 
 def bipartite_match(metric, cand_idx, dst_idx, *, backend=None):
@@ -40,5 +42,5 @@ def bipartite_match(metric, cand_idx, dst_idx, *, backend=None):
         check_same_device(name, idx, "metric", metric)
     if dst_idx.shape[1] == 0:
         raise ValueError("dst_idx must hold at least one dst per batch row")
-    resolve_backend(backend, metric.device, "bipartite_match")
-    return ref.bipartite_match(metric, cand_idx, dst_idx)
+    backend = resolve_backend(backend, metric.device, "bipartite_match")
+    return lib.bipartite_match(metric, cand_idx, dst_idx, backend)

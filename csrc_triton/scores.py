@@ -1,0 +1,149 @@
+"""SSM window scores: per-window cosine Gram mean plus the ``a_s`` frequency bonus.
+
+Equivalent PyTorch (``reference.similarity.window_scores``)::
+
+    unit = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    gram = unit[:, window_tokens] @ unit[:, window_tokens].transpose(-1, -2)   # [B, G, K, K]
+    sim = gram.mean((-2, -1))                    # "released"; "paper": off-diagonal mean
+    score = sim + a_s * (li / (li.mean(1) + 1e-6))[:, window_tokens].mean(-1)
+
+The kernel never builds the Gram matrix: ``sum_{p,q} cos(t_p, t_q) = ||sum_p t_p / ||t_p|| ||^2``.
+Pass 1 over C accumulates the squared norms of the K tokens of each window, pass 2 the
+squared norm of the sum of the normalised tokens (the second read mostly hits L2).
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+COSINE_EPS = 1e-6
+PRIORITY_EPS = 1e-6
+
+
+@triton.jit
+def _window_scores_kernel(
+    out_ptr,  # float32 [B, G] window scores
+    stride_ob, stride_og,  # strides of out
+    x_ptr,  # [B, N, C] metric (fp32/fp16/bf16), unit stride in C not assumed
+    stride_xb, stride_xn, stride_xc,  # strides of x
+    li_ptr,  # [B, N] integer frequency counter (dummy when HAS_LI is False)
+    stride_lb, stride_ln,  # strides of li
+    li_mean_ptr,  # float32 [B]: mean of li over N
+    num_windows, grid_w, win_cols, channels,  # G, W (token grid width), gw (window grid width), C
+    a_s,  # weight of the frequency bonus
+    WIN_H: tl.constexpr,  # window height wh
+    WIN_W: tl.constexpr,  # window width ww
+    HAS_LI: tl.constexpr,  # add a_s * window-averaged priority
+    PAPER: tl.constexpr,  # off-diagonal mean instead of the full Gram mean
+    BLOCK_G: tl.constexpr,  # windows per program
+    BLOCK_K: tl.constexpr,  # next power of two >= K
+    BLOCK_C: tl.constexpr,  # channels per step
+):
+    pid_g = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    K: tl.constexpr = WIN_H * WIN_W
+
+    g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)  # [BG]
+    p = tl.arange(0, BLOCK_K)  # [BK]
+    row = (g // win_cols)[:, None] * WIN_H + (p // WIN_W)[None, :]
+    col = (g % win_cols)[:, None] * WIN_W + (p % WIN_W)[None, :]
+    token = (row * grid_w + col).to(tl.int64)  # [BG, BK]
+    valid = (g < num_windows)[:, None] & (p < K)[None, :]
+
+    row_ptr = x_ptr + pid_b * stride_xb + token * stride_xn  # [BG, BK]
+    c_base = tl.arange(0, BLOCK_C)
+
+    # Pass 1: squared norms of every token of the window.
+    sq = tl.zeros([BLOCK_G, BLOCK_K], dtype=tl.float32)
+    for c0 in range(0, channels, BLOCK_C):
+        c = c0 + c_base
+        mask = valid[:, :, None] & (c < channels)[None, None, :]
+        v = tl.load(row_ptr[:, :, None] + c.to(tl.int64)[None, None, :] * stride_xc, mask=mask, other=0.0)
+        v = v.to(tl.float32)
+        sq += tl.sum(v * v, axis=2)
+    inv = 1.0 / tl.maximum(tl.sqrt(sq), 1e-6)  # reference clamps the norm to COSINE_EPS
+    inv = tl.where(valid, inv, 0.0)
+
+    # Pass 2: ||sum_p unit_p||^2 = sum_{p,q} cos(t_p, t_q).
+    total = tl.zeros([BLOCK_G], dtype=tl.float32)
+    for c0 in range(0, channels, BLOCK_C):
+        c = c0 + c_base
+        mask = valid[:, :, None] & (c < channels)[None, None, :]
+        v = tl.load(row_ptr[:, :, None] + c.to(tl.int64)[None, None, :] * stride_xc, mask=mask, other=0.0)
+        v = v.to(tl.float32)
+        s = tl.sum(v * inv[:, :, None], axis=1)  # [BG, BC]
+        total += tl.sum(s * s, axis=1)
+
+    if PAPER:
+        diagonal = tl.sum(sq * inv * inv, axis=1)  # 1 per non-zero token, 0 for zero tokens
+        sim = (total - diagonal) / (K * (K - 1))
+    else:
+        sim = total / (K * K)
+
+    if HAS_LI:
+        li = tl.load(li_ptr + pid_b * stride_lb + token * stride_ln, mask=valid, other=0).to(tl.float32)
+        mean = tl.load(li_mean_ptr + pid_b)
+        prio = li / (mean + 1e-6)
+        sim = sim + a_s * (tl.sum(prio, axis=1) / K)
+
+    gmask = g < num_windows
+    tl.store(out_ptr + pid_b * stride_ob + g.to(tl.int64) * stride_og, sim, mask=gmask)
+
+
+def _interpreting(t: torch.Tensor) -> bool:
+    if t.is_cuda:
+        return False
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError(
+            "Triton kernels on CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before triton is first imported, or use backend='reference'"
+        )
+    return True
+
+
+def window_score_blocks(num_windows: int, window_size: int, channels: int, interpret: bool):
+    """(BLOCK_G, BLOCK_K, BLOCK_C, num_warps): a small tile per program on a GPU (many programs,
+    [16, K, 64] elements in registers); big tiles in the interpreter (fewer Python steps)."""
+    block_k = triton.next_power_of_2(window_size)
+    if interpret:
+        return min(64, triton.next_power_of_2(num_windows)), block_k, min(128, triton.next_power_of_2(channels)), 1
+    block_c = min(128, max(16, triton.next_power_of_2(channels)))
+    block_g = max(1, min(16, 1024 // (block_k * block_c) * 4))
+    return block_g, block_k, block_c, 4
+
+
+def window_scores(metric: torch.Tensor, grid, window, li=None, a_s: float = 0.0, paper: bool = False) -> torch.Tensor:
+    """Launch ``_window_scores_kernel``; returns float32 ``[B, G]``.
+
+    ``metric [B, N, C]`` any strides; ``li`` int ``[B, N]`` or None (no bonus when None)."""
+    batch, num_tokens, channels = metric.shape
+    height, width = grid
+    win_h, win_w = window
+    win_rows, win_cols = height // win_h, width // win_w
+    num_windows = win_rows * win_cols
+    interpret = _interpreting(metric)
+    out = torch.empty(batch, num_windows, dtype=torch.float32, device=metric.device)
+    if batch == 0 or num_windows == 0:
+        return out
+    has_li = li is not None
+    if has_li:
+        li_mean = li.to(torch.float32).mean(dim=1)  # tiny reduction, no host sync
+        li_arg, stride_lb, stride_ln = li, li.stride(0), li.stride(1)
+    else:
+        li_mean = out  # never read
+        li_arg, stride_lb, stride_ln = out, 0, 0
+    block_g, block_k, block_c, num_warps = window_score_blocks(num_windows, win_h * win_w, channels, interpret)
+    launch = (triton.cdiv(num_windows, block_g), batch)
+    _window_scores_kernel[launch](
+        out, out.stride(0), out.stride(1),
+        metric, metric.stride(0), metric.stride(1), metric.stride(2),
+        li_arg, stride_lb, stride_ln,
+        li_mean,
+        num_windows, width, win_cols, channels,
+        float(a_s),
+        WIN_H=win_h, WIN_W=win_w, HAS_LI=has_li, PAPER=bool(paper),
+        BLOCK_G=block_g, BLOCK_K=block_k, BLOCK_C=block_c,
+        num_warps=num_warps,
+    )
+    return out
