@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 
 from . import ops
-from ._validation import FLOAT_DTYPES, check_float, check_same_device, check_tensor
+from ._validation import FLOAT_DTYPES, check_float, check_int, check_same_device, check_tensor
 from .reference import merge as ref_merge
 
 MERGE_MODES = ("mean", "prune")
@@ -78,6 +78,11 @@ class MergePlan:
 
     # -- validation -------------------------------------------------------------------------
     def _check_layout(self):
+        # Python ints (SymInts under torch.compile with dynamic shapes pass through).
+        for name in ("num_tokens", "num_rows"):
+            value = getattr(self, name)
+            if not isinstance(value, torch.SymInt):
+                setattr(self, name, check_int(name, value, minimum=0))
         n, m = self.num_tokens, self.num_rows
         if not 0 <= m <= n or (n > 0 and m == 0):
             raise ValueError(f"num_rows must be in [1, num_tokens={n}], got {m}")
@@ -118,6 +123,10 @@ class MergePlan:
         ).view(batch, n)
         if not torch.equal(rows.gather(1, self.members.long()), expected_rows):
             fail("members and row_start disagree with row_of_token")
+        members = self.members.long()
+        same_row = expected_rows[:, 1:] == expected_rows[:, :-1]
+        if bool((same_row & (members[:, 1:] <= members[:, :-1])).any()):
+            fail("members must ascend inside each row")
         reps = self.rep_token.long()
         if bool(((reps < 0) | (reps >= n)).any()) or not torch.equal(
             rows.gather(1, reps), torch.arange(m, device=self.device).expand(batch, m)
@@ -125,19 +134,16 @@ class MergePlan:
             fail("rep_token must name a member of its own row")
         return self
 
-    def _check_tokens(self, name, x, length):
-        check_tensor(name, x, ndim=3, dtypes=FLOAT_DTYPES)
-        if x.shape[0] != self.batch_size or x.shape[1] != length:
-            raise ValueError(
-                f"{name} must have shape [B={self.batch_size}, {length}, C] for this plan, got {list(x.shape)}"
-            )
-        check_same_device(name, x, "the plan", self.row_of_token)
+    def _check_length(self, name, value, length, symbol):
+        # The ops check ranks, dtypes and batch; only the plan knows N and M.
+        if isinstance(value, torch.Tensor) and value.dim() == 3 and value.shape[1] != length:
+            raise ValueError(f"{name} must have shape [B, {symbol}={length}, C] for this plan, got {list(value.shape)}")
 
     # -- applying the plan ------------------------------------------------------------------
     def merge(self, x: torch.Tensor, mode: str = "mean", backend=None) -> torch.Tensor:
         """``[B, N, C] -> [B, M, C]``. ``mean``: each row is the mean of its members.
         ``prune``: each row is its representative token, ``x.gather(1, rep_token)``."""
-        self._check_tokens("x", x, self.num_tokens)
+        self._check_length("x", x, self.num_tokens, "N")
         if mode == "mean":
             return ops.merge(x, self.row_of_token, self.members, self.row_start, self.num_rows, backend=backend)
         if mode == "prune":
@@ -148,23 +154,7 @@ class MergePlan:
         """``[B, M, C] -> [B, N, C]``: ``v = y.gather(1, row_of_token)``, then
         ``v = where(blend, mcw * v + (1 - mcw) * cache, v)`` when ``cache`` is given, and
         ``out = residual + gate[:, None, :] * v`` for the terms given. Inputs are not modified."""
-        self._check_tokens("y", y, self.num_rows)
-        channels = y.shape[-1]
-        for name, value in (("residual", residual), ("cache", cache)):
-            if value is not None:
-                self._check_tokens(name, value, self.num_tokens)
-                if value.shape[-1] != channels:
-                    raise ValueError(f"{name} has C={value.shape[-1]} but y has C={channels}")
-                if value.dtype != y.dtype:
-                    raise TypeError(f"{name} has dtype {value.dtype} but y has {y.dtype}")
-        if gate is not None:
-            check_tensor("gate", gate, ndim=2, dtypes=FLOAT_DTYPES)
-            if tuple(gate.shape) != (self.batch_size, channels):
-                raise ValueError(f"gate must have shape [B, C] = {[self.batch_size, channels]}, got {list(gate.shape)}")
-            check_same_device("gate", gate, "y", y)
-        mcw = check_float("mcw", mcw)
-        if not 0.0 <= mcw <= 1.0:
-            raise ValueError(f"mcw must be in [0, 1], got {mcw}")
+        self._check_length("y", y, self.num_rows, "M")
         return ops.unmerge(
             y, self.row_of_token, residual=residual, gate=gate, cache=cache, blend=self.blend, mcw=mcw,
             backend=backend,
@@ -180,7 +170,7 @@ class MergePlan:
             check_tensor("li", li, ndim=2)
             if tuple(li.shape) != tuple(self.row_of_token.shape):
                 raise ValueError(f"li must have shape {list(self.row_of_token.shape)}, got {list(li.shape)}")
-            if li.dtype.is_floating_point or li.dtype == torch.bool:
+            if li.dtype.is_floating_point or li.dtype == torch.bool or li.is_complex():
                 raise TypeError(f"li must be an integer tensor, got {li.dtype}")
             check_same_device("li", li, "the plan", self.row_of_token)
         return ref_merge.update_li(li, self.row_of_token, self.row_start, self.rep_token, mode)
