@@ -37,7 +37,9 @@ setup(
     package_dir=package_dir,
     install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'", "numpy"],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
+        # diffusers (light: huggingface_hub, safetensors, Pillow, ...) for the DiT wrapper tests, which
+        # build tiny random models from configs; transformers is not needed for them.
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "diffusers>=0.30"],
         "bench": ["pytest-benchmark>=4", "matplotlib"],
         "diffusers": ["diffusers>=0.30", "transformers", "accelerate"],
     },

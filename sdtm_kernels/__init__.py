@@ -9,6 +9,8 @@ Public API::
     MergePlan.merge / .unmerge / .update_li
     sdtm_kernels.ops        drop-in merge / prune / unmerge
     sdtm_kernels.reference  the pure-PyTorch reference
+    apply_sdtm(pipe_or_model, ...) / remove_sdtm(...)   DiT wrapper (sdtm_kernels.dit; lazy)
+    SDTMConfig, PRESETS
 
 Importing this package imports neither triton nor diffusers.
 """
@@ -28,12 +30,28 @@ from .planning import plan_idm, plan_ssm, plan_tome, ratio_schedule  # noqa: E40
 
 __version__ = "0.1.0"
 
+# The DiT wrapper is loaded on first use so that ``import sdtm_kernels`` stays light.
+_LAZY_DIT = ("apply_sdtm", "remove_sdtm", "SDTMConfig", "PRESETS")
+
+
+def __getattr__(name):
+    if name in _LAZY_DIT:
+        from . import dit
+
+        return getattr(dit, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "BackendUnavailableError",
+    "PRESETS",
+    "SDTMConfig",
+    "apply_sdtm",
     "MergePlan",
     "plan_idm",
     "plan_ssm",
     "plan_tome",
     "ratio_schedule",
+    "remove_sdtm",
     "__version__",
 ]

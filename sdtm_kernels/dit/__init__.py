@@ -1,0 +1,31 @@
+"""SDTM for diffusion transformers: ``apply_sdtm`` / ``remove_sdtm`` for diffusers pipelines
+and transformers (DiT, PixArt, SD3/SD3.5, Flux), and ``SDTMBlockWrapper`` for your own DiT
+blocks. Importing this package does not import diffusers (only ``apply_sdtm`` looks for it).
+
+Modules: ``config`` (SDTMConfig, PRESETS), ``state`` (SDTMState: steps, schedule, li, cache,
+statistics), ``core`` (per-block decisions, merged sub-layers), ``generic`` (user blocks),
+``basic`` / ``sd3`` / ``flux`` (diffusers block forwards), ``patch`` (apply/remove).
+"""
+from .config import PRESETS, SDTMConfig
+from .core import BlockContext, block_context, run_merged
+from .generic import SDTMBlockWrapper, attach_state, modulate, unwrap_dit_blocks, wrap_dit_blocks
+from .patch import apply_sdtm, get_state, remove_sdtm, reset_sdtm
+from .state import SDTMState
+
+__all__ = [
+    "PRESETS",
+    "BlockContext",
+    "SDTMBlockWrapper",
+    "SDTMConfig",
+    "SDTMState",
+    "apply_sdtm",
+    "attach_state",
+    "block_context",
+    "get_state",
+    "modulate",
+    "remove_sdtm",
+    "reset_sdtm",
+    "run_merged",
+    "unwrap_dit_blocks",
+    "wrap_dit_blocks",
+]

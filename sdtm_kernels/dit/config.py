@@ -1,0 +1,140 @@
+"""``SDTMConfig``: the options of the DiT wrapper (SPEC 3.5), validated, and named presets."""
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+from .._validation import check_float, check_int, check_pair
+from ..backend import BACKENDS
+
+MERGE_MODES = ("mean", "prune")
+
+
+@dataclass(frozen=True)
+class SDTMConfig:
+    """Options of ``apply_sdtm`` (defaults: the released sample scripts, SPEC 3.5).
+
+    ratio, deviation     fraction of image tokens removed follows
+                         ``(ratio - deviation) + 2 * deviation * cos(progress * pi / 2)``;
+                         ``ratio - deviation >= 0`` and ``ratio + deviation < 1``.
+    switch_step          last step of the structure stage (SSM): an int step index, or a
+                         float fraction of the steps in [0, 1] (``0.4`` of 50 steps = step 20).
+    protect_steps        steps ``s % protect_steps == 0`` run exactly and refresh the cache
+                         (None or 0: no protected steps, no cache).
+    protect_layers       layers ``l % protect_layers == 0`` and the last layer never merge
+                         and reset ``li`` (None: no protected layers).
+    mcw                  cache blend weight: merged tokens take ``mcw * value + (1 - mcw) * cache``.
+    a_s                  SSM frequency bonus weight.
+    merge_mode           "mean" (average the members) or "prune" (keep the representative).
+    random_dst           random dst positions (forced off for odd batches).
+    seed                 seed of the per-generation generator (None: 0). The global RNG is never used.
+    num_steps            number of denoising steps; read from the pipeline call when a pipeline
+                         is patched, required for a bare transformer.
+    backend              None/"auto", "reference" or "triton" for plans and merges.
+    merge_cross_attention  PixArt: also merge the query side of cross-attention (SSM steps).
+    window               merge window (wh, ww).
+    """
+
+    ratio: float = 0.3
+    deviation: float = 0.2
+    switch_step: Union[int, float] = 20
+    protect_steps: Optional[int] = 3
+    protect_layers: Optional[int] = None
+    mcw: float = 0.1
+    a_s: float = 0.05
+    merge_mode: str = "mean"
+    random_dst: bool = True
+    seed: Optional[int] = None
+    num_steps: Optional[int] = None
+    backend: Optional[str] = None
+    merge_cross_attention: bool = False
+    window: Tuple[int, int] = (2, 2)
+
+    def __post_init__(self):
+        ratio = check_float("ratio", self.ratio)
+        deviation = check_float("deviation", self.deviation)
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+        if deviation < 0.0:
+            raise ValueError(f"deviation must be >= 0, got {deviation}")
+        if ratio - deviation < 0.0 or ratio + deviation >= 1.0:
+            raise ValueError(
+                f"ratio +/- deviation must stay in [0, 1) (rho is a fraction of the tokens): ratio={ratio}, "
+                f"deviation={deviation} give [{ratio - deviation}, {ratio + deviation}]"
+            )
+        switch = self.switch_step
+        if isinstance(switch, bool) or not isinstance(switch, numbers.Real):
+            raise TypeError(f"switch_step must be an int step or a float fraction, got {type(switch).__name__}")
+        if isinstance(switch, numbers.Integral):
+            switch = check_int("switch_step", switch, minimum=0)
+        else:
+            switch = check_float("switch_step", switch)
+            if not 0.0 <= switch <= 1.0:
+                raise ValueError(f"switch_step as a fraction of the steps must be in [0, 1], got {switch}")
+        protect_steps = self.protect_steps
+        if protect_steps is not None:
+            protect_steps = check_int("protect_steps", protect_steps, minimum=0) or None
+        protect_layers = self.protect_layers
+        if protect_layers is not None:
+            protect_layers = check_int("protect_layers", protect_layers, minimum=0) or None
+        mcw = check_float("mcw", self.mcw)
+        if not 0.0 <= mcw <= 1.0:
+            raise ValueError(f"mcw must be in [0, 1], got {mcw}")
+        a_s = check_float("a_s", self.a_s)
+        if self.merge_mode not in MERGE_MODES:
+            raise ValueError(f"merge_mode must be one of {MERGE_MODES}, got {self.merge_mode!r}")
+        if not isinstance(self.random_dst, bool):
+            raise TypeError(f"random_dst must be a bool, got {type(self.random_dst).__name__}")
+        seed = None if self.seed is None else check_int("seed", self.seed)
+        num_steps = None if self.num_steps is None else check_int("num_steps", self.num_steps, minimum=1)
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of None, {', '.join(map(repr, BACKENDS))}; got {self.backend!r}")
+        if not isinstance(self.merge_cross_attention, bool):
+            raise TypeError(f"merge_cross_attention must be a bool, got {type(self.merge_cross_attention).__name__}")
+        window = check_pair("window", self.window)
+        if window[0] * window[1] < 2:
+            raise ValueError(f"window must hold at least 2 tokens, got {window}")
+        for name, value in (("ratio", ratio), ("deviation", deviation), ("switch_step", switch),
+                            ("protect_steps", protect_steps), ("protect_layers", protect_layers), ("mcw", mcw),
+                            ("a_s", a_s), ("seed", seed), ("num_steps", num_steps), ("window", window)):
+            object.__setattr__(self, name, value)
+
+    def switch_index(self, num_steps: int) -> int:
+        """The last SSM step for ``num_steps`` steps (a fraction f gives ``floor(f * num_steps)``)."""
+        if isinstance(self.switch_step, int):
+            return self.switch_step
+        return int(math.floor(self.switch_step * num_steps + 1e-9))
+
+    def replace(self, **changes) -> "SDTMConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# Named presets. "released" is the released sample scripts' setting (switch at step 20 of 50,
+# stored as the fraction 0.4 so that it scales with the step count); "fast" removes twice as many.
+PRESETS = {
+    "released": dict(ratio=0.3, deviation=0.2, switch_step=0.4, protect_steps=3, mcw=0.1),
+    "fast": dict(ratio=0.6, deviation=0.2, switch_step=0.4, protect_steps=3, mcw=0.1),
+}
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SDTMConfig)}
+
+
+def make_config(preset=None, **options) -> SDTMConfig:
+    """Config from a preset name (or None) and options. An option left at its default value
+    takes the preset's value; any other value overrides the preset."""
+    values = dict(_DEFAULTS)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)} or None, got {preset!r}")
+        values.update(PRESETS[preset])
+    unknown = set(options) - set(_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown SDTM option(s): {sorted(unknown)}")
+    for name, value in options.items():
+        default = _DEFAULTS[name]
+        if preset is None or type(value) is not type(default) or value != default:
+            values[name] = value
+    if isinstance(values["window"], list):
+        values["window"] = tuple(values["window"])
+    return SDTMConfig(**values)

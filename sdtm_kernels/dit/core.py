@@ -1,0 +1,137 @@
+"""Building blocks every patched DiT block uses: the per-block decision (``block_context``)
+and the merge / unmerge of one sub-layer with the release's gated-cache rule.
+
+A block calls ``ctx = block_context(state, layer, metric)`` once, with its attention-input
+metric (the modulated ``norm1`` output), then for each sub-layer::
+
+    inp = ctx.merge("attn", inp)                 # [B, M, C] when this sub-layer merges
+    out = ctx.finish("attn", sublayer(inp), residual=x, gate=gate)   # x + gate * value, [B, N, C]
+
+``attn``-like sub-layers ("attn", "attn2", "cross") merge on SSM steps only; "mlp" merges on
+SSM and IDM steps (SPEC 3.5). On protected steps ``finish`` stores ``gate * value`` (full
+length) as the layer's cache; on merged steps the blend uses it.
+"""
+from typing import Optional
+
+import torch
+
+from .state import ATTENTION_SUBLAYERS, SDTMState
+
+
+class BlockContext:
+    """What one block does at the current step: ``mode`` in ``"exact"``, ``"layer"``,
+    ``"protected"``, ``"ssm"``, ``"idm"``; ``plan`` (``MergePlan`` or None)."""
+
+    def __init__(self, state: Optional[SDTMState], layer: int, mode: str, plan=None, num_tokens: int = 0):
+        self.state = state
+        self.layer = layer
+        self.mode = mode
+        self.plan = plan
+        self.num_tokens = num_tokens
+        self.record = {}
+        if state is not None:
+            self.record = {"step": state.step, "call": state.call, "layer": layer, "mode": mode}
+            if state.keep_plans:
+                self.record["plan"] = plan
+            state.stats.append(self.record)
+
+    @property
+    def num_rows(self) -> int:
+        return self.plan.num_rows if self.plan is not None else self.num_tokens
+
+    def merges(self, sublayer: str) -> bool:
+        """Whether ``sublayer`` runs on the merged rows at this step."""
+        if self.plan is None or self.plan.num_rows == self.num_tokens:
+            return False
+        if sublayer in ATTENTION_SUBLAYERS:
+            return self.mode == "ssm"
+        return self.mode in ("ssm", "idm")
+
+    def note(self, sublayer: str, tokens: int):
+        self.record[sublayer] = tokens
+
+    def merge(self, sublayer: str, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [B, N, C] -> the rows ``sublayer`` runs on ([B, M, C] when merging, else ``x``)."""
+        if self.merges(sublayer):
+            self.note(sublayer, self.plan.num_rows)
+            cfg = self.state.config
+            return self.plan.merge(x, mode=cfg.merge_mode, backend=cfg.backend)
+        self.note(sublayer, x.shape[1])
+        return x
+
+    def unmerge(self, sublayer: str, y: torch.Tensor) -> torch.Tensor:
+        """Plain copy back to full length (no residual, gate or cache), for side outputs."""
+        if self.merges(sublayer):
+            return self.plan.unmerge(y, backend=self.state.config.backend)
+        return y
+
+    def finish(self, sublayer: str, y: torch.Tensor, residual: torch.Tensor, gate=None,
+               cache_names=None) -> torch.Tensor:
+        """``residual + gate * value`` at full length, ``value`` unmerged from ``y``.
+
+        ``gate`` is ``[B, C]``, ``[B, 1, C]`` or None. With a cache (non-protected steps after a
+        protected one) merged tokens take ``mcw * gate * value + (1 - mcw) * cache``: the
+        release caches and blends *gated* outputs, so the merged rows are gated first and the
+        unmerge epilogue runs without a gate. ``cache_names`` (default ``(sublayer,)``) names the
+        caches whose sum is blended, for a merged output made of several cached parts.
+        """
+        if self.merges(sublayer):
+            cfg = self.state.config
+            gate2 = None if gate is None else gate.reshape(gate.shape[0], gate.shape[-1])
+            cache = None
+            for name in cache_names or (sublayer,):
+                part = self.state.get_cache(self.layer, name, residual)
+                if part is None:
+                    cache = None
+                    break
+                cache = part if cache is None else cache + part
+            if cache is None:
+                return self.plan.unmerge(y, residual=residual, gate=gate2, backend=cfg.backend)
+            y_gated = y if gate2 is None else (gate2[:, None, :] * y).to(y.dtype)
+            return self.plan.unmerge(y_gated, residual=residual, cache=cache, mcw=cfg.mcw, backend=cfg.backend)
+        gated = y if gate is None else gate_times(gate, y)
+        if self.mode == "protected":
+            self.state.set_cache(self.layer, sublayer, gated)
+        return residual + gated
+
+
+def gate_times(gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``gate * y`` with the diffusers broadcasting: ``[B, C]`` gates are unsqueezed."""
+    if gate.dim() == 2:
+        return gate.unsqueeze(1) * y
+    return gate * y
+
+
+def block_context(state: Optional[SDTMState], layer: int, metric: torch.Tensor, *, shared: bool = False):
+    """Decide what the block does now and build its plan from ``metric`` [B, N, C].
+
+    ``shared=True`` builds one plan for the whole batch from the batch-mean metric (models
+    whose positional embeddings are shared across the batch, e.g. Flux's rotary tables).
+    """
+    num_tokens = metric.shape[1]
+    if state is None or not state.active or state.grid is None or state.grid[0] * state.grid[1] != num_tokens:
+        return BlockContext(state if state is not None and state.active else None, layer, "exact",
+                            num_tokens=num_tokens)
+    mode = state.step_mode()
+    if mode == "protected":
+        return BlockContext(state, layer, mode, num_tokens=num_tokens)
+    if state.layer_protected(layer):
+        state.reset_li()
+        return BlockContext(state, layer, "layer", num_tokens=num_tokens)
+    batch = metric.shape[0]
+    source = metric.detach()
+    if shared and batch > 1:
+        source = source.mean(dim=0, keepdim=True)
+    plan = state.build_plan(source, mode, batch)
+    return BlockContext(state, layer, mode, plan, num_tokens=num_tokens)
+
+
+def run_merged(plan, fn, inp, residual, gate=None, cache=None, mcw: float = 1.0, mode: str = "mean",
+               backend=None):
+    """One merged sub-layer as a pure function (no state): ``residual + unmerge(gate * fn(merge(inp)))``
+    with the gated-cache blend. ``torch.compile(fullgraph=True)`` traces it without breaks."""
+    y = fn(plan.merge(inp, mode=mode, backend=backend))
+    if cache is None:
+        return plan.unmerge(y, residual=residual, gate=gate, backend=backend)
+    y_gated = y if gate is None else (gate[:, None, :] * y).to(y.dtype)
+    return plan.unmerge(y_gated, residual=residual, cache=cache, mcw=mcw, backend=backend)

@@ -1,0 +1,169 @@
+"""diffusers Flux blocks: ``FluxTransformerBlock`` (double stream) and
+``FluxSingleTransformerBlock``, mirroring diffusers' forward (0.30 to 0.42; before 0.35 the
+single block took the joint text+image sequence and returned it, from 0.35 it takes and
+returns the two streams; both signatures are handled).
+
+Rotary embeddings: Flux passes one ``(cos, sin)`` table of shape ``[T + N, D]`` (text tokens
+first) shared by the whole batch, and the attention processor broadcasts it over the batch.
+A merged row takes the rotary entry of its representative token (``plan.rep_token``). As the
+table cannot differ per sample, Flux blocks use ONE plan shared by the batch, built from the
+batch-mean metric (``block_context(..., shared=True)``); ``li`` rows are then identical.
+"""
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from .core import block_context
+
+
+def supports(block) -> bool:
+    return True
+
+
+def gather_rotary(ctx, sublayer, image_rotary_emb, text_len):
+    """Rotary table for ``[text, merged image rows]``: the text entries, then the entry of
+    each row's representative token."""
+    if image_rotary_emb is None or not ctx.merges(sublayer):
+        return image_rotary_emb
+    num_tokens = ctx.num_tokens
+    if (isinstance(image_rotary_emb, (tuple, list)) and len(image_rotary_emb) == 2
+            and all(isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == text_len + num_tokens
+                    for t in image_rotary_emb)):
+        rep = ctx.plan.rep_token[0].long() + text_len  # shared plan: every row of rep_token is the same
+        index = torch.cat([torch.arange(text_len, device=rep.device), rep])
+        return tuple(t.index_select(0, index.to(t.device)) for t in image_rotary_emb)
+    import diffusers
+
+    raise RuntimeError(
+        "SDTM expects Flux rotary embeddings as a (cos, sin) pair of [text + image tokens, D] tensors "
+        f"(diffusers >= 0.30); this diffusers {diffusers.__version__} passes "
+        f"{type(image_rotary_emb).__name__}, which is not supported"
+    )
+
+
+def double_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
+                   joint_attention_kwargs=None):
+    state = getattr(self, "_sdtm_state", None)
+    norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, emb=temb)
+    norm_encoder_hidden_states, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(
+        encoder_hidden_states, emb=temb
+    )
+    joint_attention_kwargs = joint_attention_kwargs or {}
+    ctx = block_context(state, self._sdtm_layer, norm_hidden_states, shared=True)
+    text_len = encoder_hidden_states.shape[1]
+
+    attention_outputs = self.attn(
+        hidden_states=ctx.merge("attn", norm_hidden_states),
+        encoder_hidden_states=norm_encoder_hidden_states,
+        image_rotary_emb=gather_rotary(ctx, "attn", image_rotary_emb, text_len),
+        **joint_attention_kwargs,
+    )
+    if len(attention_outputs) == 2:
+        attn_output, context_attn_output = attention_outputs
+        ip_attn_output = None
+    else:
+        attn_output, context_attn_output, ip_attn_output = attention_outputs
+
+    hidden_states = ctx.finish("attn", attn_output, residual=hidden_states, gate=gate_msa)
+
+    norm_hidden_states = self.norm2(hidden_states)
+    norm_hidden_states = norm_hidden_states * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+    ff_output = self.ff(ctx.merge("mlp", norm_hidden_states))
+    hidden_states = ctx.finish("mlp", ff_output, residual=hidden_states, gate=gate_mlp)
+    if ip_attn_output is not None:
+        hidden_states = hidden_states + ctx.unmerge("attn", ip_attn_output)
+
+    context_attn_output = c_gate_msa.unsqueeze(1) * context_attn_output
+    encoder_hidden_states = encoder_hidden_states + context_attn_output
+    norm_encoder_hidden_states = self.norm2_context(encoder_hidden_states)
+    norm_encoder_hidden_states = norm_encoder_hidden_states * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+    context_ff_output = self.ff_context(norm_encoder_hidden_states)
+    encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_ff_output
+    if encoder_hidden_states.dtype == torch.float16:
+        encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
+    return encoder_hidden_states, hidden_states
+
+
+def _single(self, hidden_states, text_len, temb, image_rotary_emb, joint_attention_kwargs):
+    """The single block on the joint ``[text, image]`` sequence; returns the joint output.
+
+    The attention and MLP branches share one input and one output projection
+    ``proj_out(cat[attn, mlp]) = W_a @ attn + W_m @ mlp + b``. Caches: "attn" holds
+    ``gate * (W_a @ attn + b)`` and "mlp" ``gate * (W_m @ mlp)`` (image tokens). SSM steps run
+    both branches on merged rows and blend with the sum of the caches; IDM steps run attention
+    at full length and only the MLP branch (its half of ``proj_out`` included) on merged rows.
+    """
+    state = getattr(self, "_sdtm_state", None)
+    joint_attention_kwargs = joint_attention_kwargs or {}
+    residual = hidden_states
+    norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
+    image_norm = norm_hidden_states[:, text_len:]
+    ctx = block_context(state, self._sdtm_layer, image_norm, shared=True)
+    weight, bias = self.proj_out.weight, self.proj_out.bias
+    attn_dim = weight.shape[1] - self.mlp_hidden_dim
+    gate_b = gate.unsqueeze(1)
+
+    if ctx.merges("attn"):  # SSM: both branches on [text, merged image rows]
+        rows = torch.cat([norm_hidden_states[:, :text_len], ctx.merge("attn", image_norm)], dim=1)
+        ctx.note("mlp", ctx.num_rows)
+        mlp_hidden_states = self.act_mlp(self.proj_mlp(rows))
+        attn_output = self.attn(hidden_states=rows,
+                                image_rotary_emb=gather_rotary(ctx, "attn", image_rotary_emb, text_len),
+                                **joint_attention_kwargs)
+        out = self.proj_out(torch.cat([attn_output, mlp_hidden_states], dim=2))
+        text_out = residual[:, :text_len] + gate_b * out[:, :text_len]
+        image_out = ctx.finish("attn", out[:, text_len:], residual=residual[:, text_len:], gate=gate,
+                               cache_names=("attn", "mlp"))
+        hidden_states = torch.cat([text_out, image_out], dim=1)
+    elif ctx.merges("mlp"):  # IDM: attention at full length, MLP branch on merged rows
+        attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb,
+                                **joint_attention_kwargs)
+        ctx.note("attn", ctx.num_tokens)
+        w_attn, w_mlp = weight[:, :attn_dim], weight[:, attn_dim:]
+        attn_part = gate_b * F.linear(attn_output, w_attn, bias)
+        text_mlp = F.linear(self.act_mlp(self.proj_mlp(norm_hidden_states[:, :text_len])), w_mlp)
+        text_out = residual[:, :text_len] + (attn_part[:, :text_len] + gate_b * text_mlp)
+        image_mlp = F.linear(self.act_mlp(self.proj_mlp(ctx.merge("mlp", image_norm))), w_mlp)
+        image_out = ctx.finish("mlp", image_mlp, residual=residual[:, text_len:] + attn_part[:, text_len:],
+                               gate=gate)
+        hidden_states = torch.cat([text_out, image_out], dim=1)
+    else:  # exact (diffusers' computation); protected steps also split the image output for the cache
+        ctx.note("attn", ctx.num_tokens)
+        ctx.note("mlp", ctx.num_tokens)
+        mlp_hidden_states = self.act_mlp(self.proj_mlp(norm_hidden_states))
+        attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb,
+                                **joint_attention_kwargs)
+        out = gate_b * self.proj_out(torch.cat([attn_output, mlp_hidden_states], dim=2))
+        if ctx.mode == "protected":
+            mlp_part = gate_b * F.linear(mlp_hidden_states[:, text_len:], weight[:, attn_dim:])
+            state.set_cache(ctx.layer, "mlp", mlp_part)
+            state.set_cache(ctx.layer, "attn", out[:, text_len:] - mlp_part)
+        hidden_states = residual + out
+    if hidden_states.dtype == torch.float16:
+        hidden_states = hidden_states.clip(-65504, 65504)
+    return hidden_states
+
+
+def single_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
+                   joint_attention_kwargs=None):
+    """diffusers >= 0.35 signature: two streams in, two streams out."""
+    text_len = encoder_hidden_states.shape[1]
+    joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    out = _single(self, joint, text_len, temb, image_rotary_emb, joint_attention_kwargs)
+    return out[:, :text_len], out[:, text_len:]
+
+
+def single_forward_joint(self, hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
+    """diffusers < 0.35 signature: the joint ``[text, image]`` sequence in and out; the text
+    length comes from the transformer call (``state.text_len``)."""
+    state = getattr(self, "_sdtm_state", None)
+    text_len = getattr(state, "text_len", None)
+    if text_len is None:  # no step context: nothing is merged, any split is fine
+        text_len = 0
+    return _single(self, hidden_states, text_len, temb, image_rotary_emb, joint_attention_kwargs)
+
+
+def single_forward_for(cls):
+    params = inspect.signature(cls.forward).parameters
+    return single_forward if "encoder_hidden_states" in params else single_forward_joint
