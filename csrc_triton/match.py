@@ -30,7 +30,7 @@ def _bipartite_match_kernel(
     dst_ptr,  # integer [B, D]: dst token indices
     stride_db, stride_dj,  # strides of dst_idx
     num_cand, num_dst, channels,  # Na, D, C
-    DOT_FP32: tl.constexpr,  # upcast before tl.dot (fp32 inputs, or the interpreter)
+    DOT_FP32: tl.constexpr,  # upcast before tl.dot (fp32/fp64 inputs, or the interpreter)
     BLOCK_M: tl.constexpr,  # candidates per program
     BLOCK_N: tl.constexpr,  # dsts per tile
     BLOCK_C: tl.constexpr,  # channels per step
@@ -106,7 +106,9 @@ def bipartite_match(metric: torch.Tensor, cand_idx: torch.Tensor, dst_idx: torch
     if batch == 0 or num_cand == 0:
         return best, match
     block_m, block_n, block_c, num_warps, num_stages = match_blocks(num_cand, num_dst, channels, interpret)
-    dot_fp32 = interpret or metric.dtype == torch.float32
+    # tl.dot takes fp16/bf16 (fp32 accumulator) or fp32 operands: fp64 metrics are upcast to
+    # fp32 like in the interpreter (a float64 dot into the fp32 accumulator does not compile).
+    dot_fp32 = interpret or metric.dtype not in (torch.float16, torch.bfloat16)
     launch = (triton.cdiv(num_cand, block_m), batch)
     _bipartite_match_kernel[launch](
         best, best.stride(0), best.stride(1),
