@@ -8,10 +8,12 @@ Modules:
     windows     token <-> window index arithmetic for any H x W grid
     similarity  cosine normalisation, window scores, bipartite matching
     plans       SSM, IDM and ToMe plan builders returning ``PlanTensors``
+    attention   attention received by keys (explicit softmax), the paper's IDM score
     merge       merge (mean), prune, unmerge with the fused epilogue, ``li`` update
 """
+from .attention import attention_received, idm_attention_score, inattention_priority
 from .merge import merge_mean, prune, unmerge, update_li
-from .plans import PlanTensors, assemble_plan, idm_plan, ssm_plan, tome_plan
+from .plans import PlanTensors, assemble_plan, idm_attention_plan, idm_plan, ssm_plan, tome_plan
 from .schedule import (
     idm_tokens_to_merge,
     ratio_schedule,
@@ -24,9 +26,13 @@ from .windows import window_token_index
 __all__ = [
     "PlanTensors",
     "assemble_plan",
+    "attention_received",
     "bipartite_match",
+    "idm_attention_plan",
+    "idm_attention_score",
     "idm_plan",
     "idm_tokens_to_merge",
+    "inattention_priority",
     "merge_mean",
     "normalize_tokens",
     "prune",

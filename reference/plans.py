@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .attention import idm_attention_score
 from .schedule import idm_tokens_to_merge, ssm_windows_to_merge
 from .similarity import bipartite_match, window_scores
 from .windows import window_token_index
@@ -109,10 +110,12 @@ def ssm_plan(metric, grid, n_remove, window=(2, 2), li=None, a_s=0.05, score="re
     return assemble_plan(rep_of_token, num_tokens - (window_size - 1) * num_selected, blend)
 
 
-def _bipartite_plan(metric, window_tokens, dst_pos, num_merged) -> PlanTensors:
+def _bipartite_plan(metric, window_tokens, dst_pos, num_merged, token_score=None) -> PlanTensors:
     """Shared IDM / ToMe tail: one dst per window, candidates = all other tokens in
     ascending order, each candidate's best dst by cosine, the ``num_merged`` candidates with
     the highest best-similarity (ties: lower token index) merged into their dst.
+    ``token_score [B, N]`` (optional) replaces the best-similarity as the ranking score of the
+    candidates; the match (each candidate's most similar dst) is unchanged.
     Blend set: every dst token and every merged candidate."""
     batch, num_tokens, _ = metric.shape
     device = metric.device
@@ -124,7 +127,8 @@ def _bipartite_plan(metric, window_tokens, dst_pos, num_merged) -> PlanTensors:
     cand_token = torch.argsort(is_dst.to(torch.int8), dim=1, stable=True)[:, : num_tokens - num_windows]
 
     best, match = bipartite_match(metric, cand_token, dst_token)
-    chosen = top_k_lowest_index_first(best, num_merged)  # candidate positions
+    rank_score = best if token_score is None else token_score.to(torch.float32).gather(1, cand_token)
+    chosen = top_k_lowest_index_first(rank_score, num_merged)  # candidate positions
     merged_token = cand_token.gather(1, chosen)
     merged_into = dst_token.gather(1, match.long().gather(1, chosen))
     rep_of_token = torch.arange(num_tokens, device=device).repeat(batch, 1)
@@ -134,11 +138,14 @@ def _bipartite_plan(metric, window_tokens, dst_pos, num_merged) -> PlanTensors:
     return assemble_plan(rep_of_token, num_tokens - num_merged, blend)
 
 
-def idm_plan(metric, grid, n_remove, window=(2, 2), li=None, random_dst=False, generator=None) -> PlanTensors:
+def idm_plan(metric, grid, n_remove, window=(2, 2), li=None, random_dst=False, generator=None,
+             cand_score=None) -> PlanTensors:
     """Detail-stage plan (SPEC 3.3, the released "FIDM").
 
     dst per window: ``argmax_p li[token(g, p)]`` (first maximum) when ``li`` is given, else a
     ``randint(K, (B, G))`` draw or position 0. ``r = idm_tokens_to_merge(n_remove, N - G)``.
+    ``cand_score [B, N]`` (optional) ranks the candidates instead of their best similarity
+    (the paper's IDM: ``idm_attention_plan``).
     """
     batch = metric.shape[0]
     device = metric.device
@@ -149,7 +156,19 @@ def idm_plan(metric, grid, n_remove, window=(2, 2), li=None, random_dst=False, g
     else:
         dst_pos = draw_positions((batch, num_windows), window_size, random_dst, generator, device)
     num_merged = idm_tokens_to_merge(n_remove, metric.shape[1] - num_windows)
-    return _bipartite_plan(metric, tokens, dst_pos, num_merged)
+    return _bipartite_plan(metric, tokens, dst_pos, num_merged, cand_score)
+
+
+def idm_attention_plan(metric, grid, n_remove, received, window=(2, 2), li=None, a_d=0.05, random_dst=False,
+                       generator=None) -> PlanTensors:
+    """The paper's inattentiveness-driven IDM (SPEC 7): ``idm_plan`` with the candidates ranked by
+    ``P_x = P_ina + a_d * P_fre`` (``reference.attention.idm_attention_score``) instead of their
+    best similarity. ``received [B, N]`` is the attention each image token receives from the
+    prompt queries. dst choice, ``r`` and the match (most similar dst) are ``idm_plan``'s.
+    """
+    score = idm_attention_score(received.to(metric.device), li, a_d)
+    return idm_plan(metric, grid, n_remove, window=window, li=li, random_dst=random_dst, generator=generator,
+                    cand_score=score)
 
 
 def tome_plan(metric, grid, n_remove, window=(2, 2), random_dst=True, generator=None) -> PlanTensors:

@@ -5,6 +5,7 @@ Public API::
     ratio_schedule(step, num_steps, ratio, deviation) -> float
     plan_ssm(metric, grid, n_remove, ...) -> MergePlan   # structure stage
     plan_idm(metric, grid, n_remove, ...) -> MergePlan   # detail stage
+    plan_idm_attention(metric, grid, n_remove, received, ...) -> MergePlan  # paper's IDM
     plan_tome(metric, grid, n_remove, ...) -> MergePlan  # ToMe baseline
     MergePlan.merge / .unmerge / .update_li
     sdtm_kernels.ops        drop-in merge / prune / unmerge
@@ -26,7 +27,7 @@ if not _os.path.isdir(_os.path.join(_here, "reference")):
 
 from .backend import BackendUnavailableError  # noqa: E402
 from .plan import MergePlan  # noqa: E402
-from .planning import plan_idm, plan_ssm, plan_tome, ratio_schedule  # noqa: E402
+from .planning import plan_idm, plan_idm_attention, plan_ssm, plan_tome, ratio_schedule  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -49,6 +50,7 @@ __all__ = [
     "apply_sdtm",
     "MergePlan",
     "plan_idm",
+    "plan_idm_attention",
     "plan_ssm",
     "plan_tome",
     "ratio_schedule",

@@ -12,7 +12,8 @@ BACKENDS = ("auto", "reference", "triton")
 # Ops that have a Triton kernel in this release; the rest always run the reference.
 TRITON_MERGE_OPS = frozenset({"merge", "prune", "unmerge"})  # csrc_triton/merge.py
 TRITON_PLAN_OPS = frozenset({"window_scores", "bipartite_match", "plan_ssm", "plan_idm", "plan_tome"})  # csrc_triton/{scores,match,select}.py
-TRITON_OPS = TRITON_MERGE_OPS | TRITON_PLAN_OPS
+TRITON_ATTENTION_OPS = frozenset({"attention_received"})  # csrc_triton/attention.py
+TRITON_OPS = TRITON_MERGE_OPS | TRITON_PLAN_OPS | TRITON_ATTENTION_OPS
 
 
 class BackendUnavailableError(RuntimeError):

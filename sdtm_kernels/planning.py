@@ -1,4 +1,5 @@
-"""Public plan builders: ``ratio_schedule``, ``plan_ssm``, ``plan_idm``, ``plan_tome``.
+"""Public plan builders: ``ratio_schedule``, ``plan_ssm``, ``plan_idm``, ``plan_idm_attention``,
+``plan_tome``.
 
 They validate arguments, pick the backend and wrap the plan tensors in a ``MergePlan``.
 Building a plan reads no tensor values on the host (no ``.item()``): plan sizes follow
@@ -11,12 +12,15 @@ from ._validation import (
     check_grid,
     check_int,
     check_li,
+    check_same_device,
+    check_tensor,
 )
 import torch
 
 from .backend import resolve_backend
 from .ops import _score_library as lib
 from .plan import MergePlan
+from .reference import attention as ref_attention
 from .reference import plans as ref_plans
 from .reference import schedule as ref_schedule
 from .reference.windows import window_token_index
@@ -112,6 +116,37 @@ def plan_idm(metric, grid, n_remove, *, window=(2, 2), li=None, random_dst=False
     return _wrap(tensors, metric.shape[1])
 
 
+def plan_idm_attention(metric, grid, n_remove, received, *, a_d=0.05, window=(2, 2), li=None, random_dst=False,
+                       generator=None, backend=None) -> MergePlan:
+    """The paper's inattentiveness-driven IDM (SPEC 7): ``plan_idm`` with the candidates ranked by
+    ``P_x = P_ina + a_d * P_fre`` instead of their best similarity.
+
+    Plain PyTorch meaning, per batch row (``received [B, N]``: attention each image token
+    receives from the prompt queries, e.g. ``ops.attention_received``)::
+
+        P_ina = 1 - received / received.max()            # not attended -> 1, most attended -> 0
+        P_fre = li / (li.mean() + 1e-6)                    # 0 without li
+        P_x   = P_ina + a_d * P_fre
+        dst, cand, match as plan_idm (match = most similar dst by cosine)
+        r = min(N - G, n_remove) // 16 * 16
+        the r candidates with the largest P_x (ties: lower token) join their matched dst's row
+    """
+    grid, window, n_remove = _common_checks(metric, grid, n_remove, window, li, generator)
+    check_tensor("received", received, ndim=2)
+    if not received.dtype.is_floating_point:
+        raise TypeError(f"received must be a floating tensor, got {received.dtype}")
+    if tuple(received.shape) != tuple(metric.shape[:2]):
+        raise ValueError(f"received must have shape [B, N] = {tuple(metric.shape[:2])}, got {tuple(received.shape)}")
+    check_same_device("received", received, "metric", metric)
+    a_d = check_float("a_d", a_d)
+    score = ref_attention.idm_attention_score(received, li, a_d)  # elementwise, no host sync
+    if resolve_backend(backend, metric.device, "plan_idm") == "triton":
+        return _idm_triton(metric, grid, n_remove, window, li, bool(random_dst), generator, cand_score=score)
+    tensors = ref_plans.idm_plan(metric, grid, n_remove, window=window, li=li, random_dst=bool(random_dst),
+                                 generator=generator, cand_score=score)
+    return _wrap(tensors, metric.shape[1])
+
+
 def plan_tome(metric, grid, n_remove, *, window=(2, 2), random_dst=True, generator=None,
               backend=None) -> MergePlan:
     """ToMe baseline plan (tomesd style) for comparison.
@@ -175,7 +210,7 @@ def _ssm_triton(metric, grid, n_remove, window, li, a_s, score, random_dst, gene
     return _plan(metric, rep_of_token, num_rows, blend, rank_in_row)
 
 
-def _bipartite_triton(metric, window_tokens, dst_pos, num_merged) -> MergePlan:
+def _bipartite_triton(metric, window_tokens, dst_pos, num_merged, cand_score=None) -> MergePlan:
     batch, num_tokens, _ = metric.shape
     device = metric.device
     num_windows = window_tokens.shape[0]
@@ -192,7 +227,8 @@ def _bipartite_triton(metric, window_tokens, dst_pos, num_merged) -> MergePlan:
     cand_token = cand_token[:, :num_cand]
 
     best, match = lib.bipartite_match(metric, cand_token, dst_token, "triton")
-    chosen = lib.topk_rank(best, num_merged, "triton") >= 0  # [B, Na]
+    rank_score = best if cand_score is None else cand_score.to(torch.float32).gather(1, cand_token)
+    chosen = lib.topk_rank(rank_score.contiguous(), num_merged, "triton") >= 0  # [B, Na]
     merged_into = dst_token.gather(1, match.long())
     target = torch.where(chosen, cand_token, num_tokens)  # unchosen -> spare slot
     rep_of_token = torch.arange(num_tokens + 1, device=device).repeat(batch, 1)
@@ -203,7 +239,7 @@ def _bipartite_triton(metric, window_tokens, dst_pos, num_merged) -> MergePlan:
     return _plan(metric, rep_of_token[:, :num_tokens], num_tokens - num_merged, blend)
 
 
-def _idm_triton(metric, grid, n_remove, window, li, random_dst, generator) -> MergePlan:
+def _idm_triton(metric, grid, n_remove, window, li, random_dst, generator, cand_score=None) -> MergePlan:
     batch, num_tokens, _ = metric.shape
     device = metric.device
     tokens = window_token_index(grid, window, device=device)
@@ -213,7 +249,7 @@ def _idm_triton(metric, grid, n_remove, window, li, random_dst, generator) -> Me
     else:
         dst_pos = ref_plans.draw_positions((batch, num_windows), window_size, random_dst, generator, device)
     num_merged = ref_schedule.idm_tokens_to_merge(n_remove, num_tokens - num_windows)
-    return _bipartite_triton(metric, tokens, dst_pos, num_merged)
+    return _bipartite_triton(metric, tokens, dst_pos, num_merged, cand_score)
 
 
 def _tome_triton(metric, grid, n_remove, window, random_dst, generator) -> MergePlan:

@@ -153,13 +153,14 @@ def _drive(recorder, quick=False):
     import torch
 
     from sdtm_kernels import MergePlan, ops, plan_idm, plan_ssm, plan_tome
+    from sdtm_kernels.csrc_triton import attention as k_attention
     from sdtm_kernels.csrc_triton import match as k_match
     from sdtm_kernels.csrc_triton import merge as k_merge
     from sdtm_kernels.csrc_triton import scores as k_scores
     from sdtm_kernels.csrc_triton import select as k_select
 
     # GPU tile sizes / warps / DOT_FP32: the launchers ask ``_interpreting`` which config to use.
-    for mod in (k_scores, k_match, k_select):
+    for mod in (k_scores, k_match, k_select, k_attention):
         mod._interpreting = lambda t: False
 
     gen = torch.Generator().manual_seed(0)
@@ -267,6 +268,15 @@ def _drive(recorder, quick=False):
         section(f"ops.unmerge strided y {dtype} C={channels}")
         y = tokens(b, channels, m, dtype).transpose(1, 2)
         plan.unmerge(y, backend=T)
+
+    # -- attention received by image tokens (prompt queries x all joint keys) -----------------
+    for dtype, head_dim, (num_q, num_k) in itertools.product(floats, (16, 64, 128), ((7, 40), (77, 300))):
+        if quick and (dtype != torch.float16 or num_q != 7):
+            continue
+        section(f"ops.attention_received {dtype} D={head_dim} Tq={num_q} Tk={num_k}")
+        q = torch.randn(2, 3, num_q, head_dim, generator=gen).to(dtype)
+        k = torch.randn(2, 3, num_k, head_dim, generator=gen).to(dtype)
+        ops.attention_received(q, k, key_slice=(num_q, num_k), backend=T)
 
     # -- shape sweep of the launchers: every tile size they can pick on a GPU ---------------
     plan = base_plans[0]

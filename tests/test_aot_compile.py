@@ -35,5 +35,6 @@ def test_every_kernel_variant_compiles_for_sm90(tmp_path):
     assert kernels == {
         "merge._segment_reduce_kernel", "merge._gather_rows_kernel", "scores._window_scores_kernel",
         "match._bipartite_match_kernel", "select._topk_rank_kernel", "select._group_rank_kernel",
+        "attention._row_lse_kernel", "attention._received_kernel",
     }
     assert not failed, text

@@ -202,13 +202,16 @@ def _op_calls(metric, plan):
         "window_scores": lambda backend: ops.window_scores(metric, GRID, backend=backend),
         "bipartite_match": lambda backend: ops.bipartite_match(metric, plan.members[:, :4], plan.members[:, 4:8],
                                                                backend=backend),
+        "attention_received": lambda backend: ops.attention_received(metric[:, None, :5], metric[:, None],
+                                                                     key_slice=(0, 8), backend=backend),
         "merge": lambda backend: plan.merge(x, backend=backend),
         "prune": lambda backend: plan.merge(x, "prune", backend=backend),
         "unmerge": lambda backend: plan.unmerge(y, backend=backend),
     }
 
 
-OP_NAMES = ("plan_ssm", "plan_idm", "plan_tome", "window_scores", "bipartite_match", "merge", "prune", "unmerge")
+OP_NAMES = ("plan_ssm", "plan_idm", "plan_tome", "window_scores", "bipartite_match", "merge", "prune", "unmerge",
+            "attention_received")
 
 
 @pytest.mark.parametrize("op", OP_NAMES)
@@ -230,8 +233,8 @@ def test_triton_backend_without_kernel_is_unavailable():
     from sdtm_kernels.backend import resolve_backend
 
     with pytest.raises(BackendUnavailableError, match="triton") as info:
-        resolve_backend("triton", torch.device("cuda"), "attention_received")
-    assert "attention_received" in str(info.value)
+        resolve_backend("triton", torch.device("cuda"), "not_a_real_op")
+    assert "not_a_real_op" in str(info.value)
     assert issubclass(BackendUnavailableError, RuntimeError)
 
 

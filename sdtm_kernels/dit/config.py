@@ -9,6 +9,7 @@ from .._validation import check_float, check_int, check_pair
 from ..backend import BACKENDS
 
 MERGE_MODES = ("mean", "prune")
+IDM_SCORES = ("similarity", "attention")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,13 @@ class SDTMConfig:
     backend              None/"auto", "reference" or "triton" for plans and merges.
     merge_cross_attention  PixArt: also merge the query side of cross-attention (SSM steps).
     window               merge window (wh, ww).
+    idm_score            IDM candidate ranking: "similarity" (released: best cosine to a dst) or
+                         "attention" (paper: ``P_ina + a_d * P_fre``, tokens the prompt attends
+                         to least merged first; SD3 / Flux joint attention only).
+    a_d                  weight of the frequency term ``P_fre`` in the attention score.
+    prompt_reweight      proportional attention for merged image keys (``+log(size)``) and a
+                         per-stage prompt-key weight (``+log(a_p)``) on merged steps (SD3 / Flux).
+    a_p                  prompt-key weight: a float for both stages or ``(structure, detail)``; > 0.
     """
 
     ratio: float = 0.3
@@ -50,6 +58,10 @@ class SDTMConfig:
     backend: Optional[str] = None
     merge_cross_attention: bool = False
     window: Tuple[int, int] = (2, 2)
+    idm_score: str = "similarity"
+    a_d: float = 0.05
+    prompt_reweight: bool = False
+    a_p: Union[float, Tuple[float, float]] = 1.0
 
     def __post_init__(self):
         ratio = check_float("ratio", self.ratio)
@@ -95,7 +107,21 @@ class SDTMConfig:
         window = check_pair("window", self.window)
         if window[0] * window[1] < 2:
             raise ValueError(f"window must hold at least 2 tokens, got {window}")
-        for name, value in (("ratio", ratio), ("deviation", deviation), ("switch_step", switch),
+        if self.idm_score not in IDM_SCORES:
+            raise ValueError(f"idm_score must be one of {IDM_SCORES}, got {self.idm_score!r}")
+        a_d = check_float("a_d", self.a_d)
+        if not isinstance(self.prompt_reweight, bool):
+            raise TypeError(f"prompt_reweight must be a bool, got {type(self.prompt_reweight).__name__}")
+        a_p = self.a_p
+        if isinstance(a_p, (tuple, list)):
+            if len(a_p) != 2:
+                raise TypeError(f"a_p must be a float or a pair (structure, detail), got {a_p!r}")
+            a_p = (check_float("a_p[0]", a_p[0]), check_float("a_p[1]", a_p[1]))
+        else:
+            a_p = (check_float("a_p", a_p),) * 2
+        if min(a_p) <= 0.0:
+            raise ValueError(f"a_p must be > 0 (its log is added to the prompt logits), got {self.a_p!r}")
+        for name, value in (("a_d", a_d), ("a_p", a_p), ("ratio", ratio), ("deviation", deviation), ("switch_step", switch),
                             ("protect_steps", protect_steps), ("protect_layers", protect_layers), ("mcw", mcw),
                             ("a_s", a_s), ("seed", seed), ("num_steps", num_steps), ("window", window)):
             object.__setattr__(self, name, value)

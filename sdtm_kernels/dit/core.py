@@ -102,11 +102,15 @@ def gate_times(gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return gate * y
 
 
-def block_context(state: Optional[SDTMState], layer: int, metric: torch.Tensor, *, shared: bool = False):
+def block_context(state: Optional[SDTMState], layer: int, metric: torch.Tensor, *, shared: bool = False,
+                  received=None):
     """Decide what the block does now and build its plan from ``metric`` [B, N, C].
 
     ``shared=True`` builds one plan for the whole batch from the batch-mean metric (models
     whose positional embeddings are shared across the batch, e.g. Flux's rotary tables).
+    ``received``: a callable returning the float32 ``[B, N]`` attention each image token
+    receives from the prompt (``JointAttention.received``), called only on IDM steps with
+    ``idm_score="attention"`` (batch-averaged for a shared plan).
     """
     num_tokens = metric.shape[1]
     if state is None or not state.active or state.grid is None or state.grid[0] * state.grid[1] != num_tokens:
@@ -122,8 +126,19 @@ def block_context(state: Optional[SDTMState], layer: int, metric: torch.Tensor, 
     source = metric.detach()
     if shared and batch > 1:
         source = source.mean(dim=0, keepdim=True)
-    plan = state.build_plan(source, mode, batch)
-    return BlockContext(state, layer, mode, plan, num_tokens=num_tokens)
+    statistic = None
+    if mode == "idm" and state.config.idm_score == "attention":
+        if received is None:
+            raise ValueError("idm_score='attention' needs a block with joint text-image attention (SD3, Flux); "
+                             "this block has none")
+        statistic = received().detach()
+        if statistic.shape[0] != source.shape[0]:
+            statistic = statistic.mean(dim=0, keepdim=True)
+    plan = state.build_plan(source, mode, batch, received=statistic)
+    ctx = BlockContext(state, layer, mode, plan, num_tokens=num_tokens)
+    if statistic is not None and state.keep_plans:
+        ctx.record["received"] = statistic
+    return ctx
 
 
 def run_merged(plan, fn, inp, residual, gate=None, cache=None, mcw: float = 1.0, mode: str = "mean",

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from .core import block_context
+from .joint_attention import JointAttention, _check_kwargs, prompt_key_bias
+from .sd3 import uses_own_attention
 
 
 def supports(block) -> bool:
@@ -50,15 +52,27 @@ def double_forward(self, hidden_states, encoder_hidden_states, temb, image_rotar
         encoder_hidden_states, emb=temb
     )
     joint_attention_kwargs = joint_attention_kwargs or {}
-    ctx = block_context(state, self._sdtm_layer, norm_hidden_states, shared=True)
     text_len = encoder_hidden_states.shape[1]
-
-    attention_outputs = self.attn(
-        hidden_states=ctx.merge("attn", norm_hidden_states),
-        encoder_hidden_states=norm_encoder_hidden_states,
-        image_rotary_emb=gather_rotary(ctx, "attn", image_rotary_emb, text_len),
-        **joint_attention_kwargs,
-    )
+    if uses_own_attention(state):
+        _check_kwargs(joint_attention_kwargs)
+        backend = state.config.backend
+        full = JointAttention(self.attn, "flux", norm_hidden_states, norm_encoder_hidden_states, image_rotary_emb,
+                              backend=backend)
+        ctx = block_context(state, self._sdtm_layer, norm_hidden_states, shared=True, received=full.received)
+        rows = ctx.merge("attn", norm_hidden_states)
+        joint = full if rows is norm_hidden_states else JointAttention(
+            self.attn, "flux", rows, norm_encoder_hidden_states, gather_rotary(ctx, "attn", image_rotary_emb, text_len),
+            backend=backend)
+        bias = prompt_key_bias(ctx, text_len, rows.shape[1], rows.shape[0], False, rows.device, rows.dtype)
+        attention_outputs = joint.output(bias)
+    else:
+        ctx = block_context(state, self._sdtm_layer, norm_hidden_states, shared=True)
+        attention_outputs = self.attn(
+            hidden_states=ctx.merge("attn", norm_hidden_states),
+            encoder_hidden_states=norm_encoder_hidden_states,
+            image_rotary_emb=gather_rotary(ctx, "attn", image_rotary_emb, text_len),
+            **joint_attention_kwargs,
+        )
     if len(attention_outputs) == 2:
         attn_output, context_attn_output = attention_outputs
         ip_attn_output = None
@@ -99,7 +113,14 @@ def _single(self, hidden_states, text_len, temb, image_rotary_emb, joint_attenti
     residual = hidden_states
     norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
     image_norm = norm_hidden_states[:, text_len:]
-    ctx = block_context(state, self._sdtm_layer, image_norm, shared=True)
+    own = uses_own_attention(state) and text_len > 0
+    full = None
+    if own:
+        _check_kwargs(joint_attention_kwargs)
+        full = JointAttention(self.attn, "flux", norm_hidden_states, None, image_rotary_emb, text_len=text_len,
+                              backend=state.config.backend)
+    ctx = block_context(state, self._sdtm_layer, image_norm, shared=True,
+                        received=None if full is None else full.received)
     weight, bias = self.proj_out.weight, self.proj_out.bias
     attn_dim = weight.shape[1] - self.mlp_hidden_dim
     gate_b = gate.unsqueeze(1)
@@ -108,17 +129,26 @@ def _single(self, hidden_states, text_len, temb, image_rotary_emb, joint_attenti
         rows = torch.cat([norm_hidden_states[:, :text_len], ctx.merge("attn", image_norm)], dim=1)
         ctx.note("mlp", ctx.num_rows)
         mlp_hidden_states = self.act_mlp(self.proj_mlp(rows))
-        attn_output = self.attn(hidden_states=rows,
-                                image_rotary_emb=gather_rotary(ctx, "attn", image_rotary_emb, text_len),
-                                **joint_attention_kwargs)
+        rotary = gather_rotary(ctx, "attn", image_rotary_emb, text_len)
+        if own:
+            key_bias = prompt_key_bias(ctx, text_len, ctx.num_rows, rows.shape[0], False, rows.device, rows.dtype)
+            attn_output = JointAttention(self.attn, "flux", rows, None, rotary, text_len=text_len,
+                                         backend=state.config.backend).output(key_bias)
+        else:
+            attn_output = self.attn(hidden_states=rows, image_rotary_emb=rotary, **joint_attention_kwargs)
         out = self.proj_out(torch.cat([attn_output, mlp_hidden_states], dim=2))
         text_out = residual[:, :text_len] + gate_b * out[:, :text_len]
         image_out = ctx.finish("attn", out[:, text_len:], residual=residual[:, text_len:], gate=gate,
                                cache_names=("attn", "mlp"))
         hidden_states = torch.cat([text_out, image_out], dim=1)
     elif ctx.merges("mlp"):  # IDM: attention at full length, MLP branch on merged rows
-        attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb,
-                                **joint_attention_kwargs)
+        if own:
+            key_bias = prompt_key_bias(ctx, text_len, ctx.num_tokens, norm_hidden_states.shape[0], False,
+                                   norm_hidden_states.device, norm_hidden_states.dtype)
+            attn_output = full.output(key_bias)
+        else:
+            attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb,
+                                    **joint_attention_kwargs)
         ctx.note("attn", ctx.num_tokens)
         w_attn, w_mlp = weight[:, :attn_dim], weight[:, attn_dim:]
         attn_part = gate_b * F.linear(attn_output, w_attn, bias)
@@ -132,8 +162,15 @@ def _single(self, hidden_states, text_len, temb, image_rotary_emb, joint_attenti
         ctx.note("attn", ctx.num_tokens)
         ctx.note("mlp", ctx.num_tokens)
         mlp_hidden_states = self.act_mlp(self.proj_mlp(norm_hidden_states))
-        attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb,
-                                **joint_attention_kwargs)
+        key_bias = None
+        if own:  # an identity plan on a merging step still takes the prompt weight
+            key_bias = prompt_key_bias(ctx, text_len, ctx.num_tokens, norm_hidden_states.shape[0], False,
+                                   norm_hidden_states.device, norm_hidden_states.dtype)
+        if key_bias is not None:
+            attn_output = full.output(key_bias)
+        else:
+            attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb,
+                                    **joint_attention_kwargs)
         out = gate_b * self.proj_out(torch.cat([attn_output, mlp_hidden_states], dim=2))
         if ctx.mode == "protected":
             mlp_part = gate_b * F.linear(mlp_hidden_states[:, text_len:], weight[:, attn_dim:])

@@ -44,6 +44,11 @@ class SDTMBlockWrapper(nn.Module):
                 raise TypeError(f"{name}={part!r}: {type(block).__name__} has no sub-module {part!r}")
             if not isinstance(part, str) and not callable(part):
                 raise TypeError(f"{name} must be a sub-module name or a callable (block, x) -> tensor")
+        config = getattr(state, "config", None)
+        if config is not None and (config.idm_score == "attention" or config.prompt_reweight):
+            raise ValueError("idm_score='attention' and prompt_reweight=True need joint text-image attention "
+                             "(SD3, Flux); SDTMBlockWrapper blocks have none: use idm_score='similarity' and "
+                             "prompt_reweight=False")
         self.block = block
         self.state = state
         self.layer = layer

@@ -185,20 +185,26 @@ def _split(pipe_or_model):
 
 def apply_sdtm(pipe_or_model, *, preset=None, ratio=0.3, deviation=0.2, switch_step=20, protect_steps=3,
                protect_layers=None, mcw=0.1, a_s=0.05, merge_mode="mean", random_dst=True, seed=None,
-               num_steps=None, backend=None, merge_cross_attention=False, window=(2, 2)):
+               num_steps=None, backend=None, merge_cross_attention=False, window=(2, 2), idm_score="similarity",
+               a_d=0.05, prompt_reweight=False, a_p=1.0):
     """Patch a diffusers pipeline (anything with ``.transformer``) or transformer with SDTM.
 
     Supported blocks: ``BasicTransformerBlock`` (ada_norm_zero: DiT; ada_norm_single: PixArt),
     ``JointTransformerBlock`` (SD3, SD3.5 incl. dual attention), ``FluxTransformerBlock`` and
     ``FluxSingleTransformerBlock``. ``preset`` names an entry of ``PRESETS``; an option left at
-    its default takes the preset's value. ``num_steps`` is read from each pipeline call;
+    its default takes the preset's value. ``idm_score="attention"`` (IDM candidates ranked by the
+    attention they receive from the prompt, plus ``a_d`` times the frequency term) and
+    ``prompt_reweight`` (``+log(size)`` on merged image keys, ``+log(a_p)`` on prompt keys) are
+    the paper's options; they need joint attention (SD3, Flux) and raise ``ValueError`` for
+    other models. ``num_steps`` is read from each pipeline call;
     for a bare transformer it is required. Returns the pipeline or model. Applying again
     reconfigures (and resets) the state; ``remove_sdtm`` undoes everything.
     """
     config = make_config(preset, ratio=ratio, deviation=deviation, switch_step=switch_step,
                          protect_steps=protect_steps, protect_layers=protect_layers, mcw=mcw, a_s=a_s,
                          merge_mode=merge_mode, random_dst=random_dst, seed=seed, num_steps=num_steps,
-                         backend=backend, merge_cross_attention=merge_cross_attention, window=window)
+                         backend=backend, merge_cross_attention=merge_cross_attention, window=window,
+                         idm_score=idm_score, a_d=a_d, prompt_reweight=prompt_reweight, a_p=a_p)
     pipe, model = _split(pipe_or_model)
     if pipe is None and config.num_steps is None:
         raise ValueError(
@@ -212,6 +218,7 @@ def apply_sdtm(pipe_or_model, *, preset=None, ratio=0.3, deviation=0.2, switch_s
             "ada_norm_zero/ada_norm_single, JointTransformerBlock, FluxTransformerBlock, "
             "FluxSingleTransformerBlock); for your own DiT blocks use sdtm_kernels.dit.SDTMBlockWrapper"
         )
+    _check_joint_attention(config, model, blocks)
     state = getattr(model, "_sdtm_state", None)
     if state is None:
         state = SDTMState(config, num_layers=len(blocks))
@@ -234,6 +241,25 @@ def apply_sdtm(pipe_or_model, *, preset=None, ratio=0.3, deviation=0.2, switch_s
     if pipe is not None and getattr(type(pipe), "_sdtm_original_class", None) is None:
         pipe.__class__ = _pipeline_subclass(type(pipe))
     return pipe_or_model
+
+
+JOINT_ATTENTION_MODULES = ("sdtm_kernels.dit.sd3", "sdtm_kernels.dit.flux")
+
+
+def _check_joint_attention(config, model, blocks):
+    """The paper's options read / reweight the joint text-image attention (SD3, Flux blocks)."""
+    options = [name for name, on in (("idm_score='attention'", config.idm_score == "attention"),
+                                      ("prompt_reweight=True", config.prompt_reweight)) if on]
+    if not options:
+        return
+    others = sorted({type(block).__name__ for block, forward in blocks
+                     if getattr(forward, "__module__", "") not in JOINT_ATTENTION_MODULES})
+    if others:
+        raise ValueError(
+            f"{' and '.join(options)} need joint text-image attention (SD3 JointTransformerBlock, Flux blocks); "
+            f"{type(model).__name__} has {', '.join(others)} blocks without it: use idm_score='similarity' and "
+            "prompt_reweight=False"
+        )
 
 
 def remove_sdtm(pipe_or_model):

@@ -4,6 +4,16 @@ image-only attention ``attn2`` on its own modulated input) and the last block wi
 ``context_pre_only`` included. Only image tokens are merged; the prompt tokens attend to
 the merged image rows and keep their full length."""
 from .core import block_context
+from .joint_attention import JointAttention, _check_kwargs, prompt_key_bias
+
+
+def uses_own_attention(state) -> bool:
+    """The paper's options (``idm_score="attention"``, ``prompt_reweight``) need SDTM's own joint
+    attention (``joint_attention.JointAttention``); otherwise the stock processor runs."""
+    if state is None or not state.active:
+        return False
+    cfg = state.config
+    return cfg.idm_score == "attention" or cfg.prompt_reweight
 
 
 def supports(block) -> bool:
@@ -37,14 +47,24 @@ def forward(self, hidden_states, encoder_hidden_states, temb, joint_attention_kw
             encoder_hidden_states, emb=temb
         )
 
-    ctx = block_context(state, self._sdtm_layer, norm_hidden_states)
-
-    # Joint attention: merged image rows + the whole prompt.
-    attn_output, context_attn_output = self.attn(
-        hidden_states=ctx.merge("attn", norm_hidden_states),
-        encoder_hidden_states=norm_encoder_hidden_states,
-        **joint_attention_kwargs,
-    )
+    if uses_own_attention(state):
+        _check_kwargs(joint_attention_kwargs)
+        backend = state.config.backend
+        full = JointAttention(self.attn, "sd3", norm_hidden_states, norm_encoder_hidden_states, backend=backend)
+        ctx = block_context(state, self._sdtm_layer, norm_hidden_states, received=full.received)
+        rows = ctx.merge("attn", norm_hidden_states)
+        joint = full if rows is norm_hidden_states else JointAttention(
+            self.attn, "sd3", rows, norm_encoder_hidden_states, backend=backend)
+        bias = prompt_key_bias(ctx, joint.text_len, rows.shape[1], rows.shape[0], True, rows.device, rows.dtype)
+        attn_output, context_attn_output = joint.output(bias)
+    else:
+        ctx = block_context(state, self._sdtm_layer, norm_hidden_states)
+        # Joint attention: merged image rows + the whole prompt.
+        attn_output, context_attn_output = self.attn(
+            hidden_states=ctx.merge("attn", norm_hidden_states),
+            encoder_hidden_states=norm_encoder_hidden_states,
+            **joint_attention_kwargs,
+        )
     hidden_states = ctx.finish("attn", attn_output, residual=hidden_states, gate=gate_msa)
 
     if dual:

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .._validation import check_int
-from ..planning import plan_idm, plan_ssm, ratio_schedule
+from ..planning import plan_idm, plan_idm_attention, plan_ssm, ratio_schedule
 from .config import SDTMConfig
 
 DEFAULT_SEED = 0
@@ -102,9 +102,10 @@ class SDTMState:
         rho = ratio_schedule(step, self.num_steps, cfg.ratio, cfg.deviation)
         return int(math.floor(num_tokens * rho))
 
-    def build_plan(self, metric: torch.Tensor, mode: str, batch: int):
+    def build_plan(self, metric: torch.Tensor, mode: str, batch: int, received=None):
         """Plan for one block from its attention-input ``metric`` ``[b, N, C]`` (b = batch, or
-        1 for a plan shared by the batch); updates ``li``."""
+        1 for a plan shared by the batch); updates ``li``. ``received [b, N]`` (IDM with
+        ``idm_score="attention"``): attention each image token receives from the prompt."""
         cfg = self.config
         if self.generator is None or self.generator.device != metric.device:
             self.generator = torch.Generator(device=metric.device)
@@ -115,10 +116,16 @@ class SDTMState:
         plan_li = None if li is None else li[: metric.shape[0]]
         random_dst = cfg.random_dst and batch % 2 == 0
         n_remove = self.n_remove(metric.shape[1])
-        builder = plan_ssm if mode == "ssm" else plan_idm
-        extra = {"a_s": cfg.a_s} if mode == "ssm" else {}
-        plan = builder(metric, self.grid, n_remove, window=cfg.window, li=plan_li, random_dst=random_dst,
-                       generator=self.generator, backend=cfg.backend, **extra)
+        if mode == "ssm":
+            plan = plan_ssm(metric, self.grid, n_remove, window=cfg.window, li=plan_li, random_dst=random_dst,
+                            generator=self.generator, backend=cfg.backend, a_s=cfg.a_s)
+        elif received is not None:
+            plan = plan_idm_attention(metric, self.grid, n_remove, received, a_d=cfg.a_d, window=cfg.window,
+                                      li=plan_li, random_dst=random_dst, generator=self.generator,
+                                      backend=cfg.backend)
+        else:
+            plan = plan_idm(metric, self.grid, n_remove, window=cfg.window, li=plan_li, random_dst=random_dst,
+                            generator=self.generator, backend=cfg.backend)
         if metric.shape[0] != batch:  # a plan shared by the batch
             plan = expand_plan(plan, batch)
         self.li[self.call] = plan.update_li(li, cfg.merge_mode)
