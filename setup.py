@@ -43,6 +43,9 @@ setup(
         "bench": ["pytest-benchmark>=4", "matplotlib"],
         "diffusers": ["diffusers>=0.30", "transformers", "accelerate"],
     },
-    entry_points={"console_scripts": ["sdtm-kernels=sdtm_kernels.cli:main"]},
+    entry_points={"console_scripts": [
+        "sdtm-kernels=sdtm_kernels.cli:main",
+        "sdtm-bench=sdtm_kernels.cli:bench_main",
+    ]},
     classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
 )

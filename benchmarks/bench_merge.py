@@ -12,7 +12,7 @@ import functools
 import pytest
 import torch
 
-from common import ON_CUDA, PROVIDERS, measure, peak_memory_bytes, peak_memory_reset, record
+from common import ON_CUDA, PROVIDERS, measure, measure_graph, peak_memory_bytes, peak_memory_reset, record
 from sdtm_kernels import plan_idm, plan_ssm
 from sdtm_kernels.reference import merge as ref
 
@@ -86,10 +86,12 @@ def test_bench_merge(benchmark, op, provider, batch, grid, channels, device):
     peak_memory_reset(device)
     timing = measure(fn, device=device, reps=REPS)
     peak = peak_memory_bytes(device)
+    graph = measure_graph(fn, device=device, reps=REPS) if ON_CUDA else {}  # CUDA-graph replay, CUDA only
     benchmark.pedantic(fn, rounds=REPS, iterations=1, warmup_rounds=1)
     info = record(
         benchmark, op=op, provider=provider, shape=(batch, plan.num_tokens, channels), dtype=DTYPE,
         bytes_moved=bytes_moved, timing=timing, device=device, peak_bytes=peak,
         num_rows=plan.num_rows, removed_fraction=plan.num_removed / plan.num_tokens,
+        **graph,
     )
     assert info["gbps"] > 0

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import sdtm_kernels as sk
-from common import ON_CUDA, PROVIDERS, measure, peak_memory_bytes, peak_memory_reset, record
+from common import ON_CUDA, PROVIDERS, measure, measure_graph, peak_memory_bytes, peak_memory_reset, record
 from sdtm_kernels import ops
 from sdtm_kernels.reference import plans as ref_plans
 from sdtm_kernels.reference import similarity as ref
@@ -117,10 +117,12 @@ def test_bench_scores(benchmark, op, provider, batch, grid, channels, device):
     peak_memory_reset(device)
     timing = measure(fn, device=device, reps=REPS, warmup=1 if not ON_CUDA else 3)
     peak = peak_memory_bytes(device)
+    graph = measure_graph(fn, device=device, reps=REPS) if ON_CUDA else {}  # CUDA-graph replay, CUDA only
     benchmark.pedantic(fn, rounds=REPS, iterations=1, warmup_rounds=1)
     info = record(
         benchmark, op=op, provider=provider, shape=(batch, grid[0] * grid[1], channels), dtype=DTYPE,
         bytes_moved=bytes_moved, timing=timing, device=device, peak_bytes=peak, flops=flops,
         n_remove=int(grid[0] * grid[1] * REMOVE_FRACTION),
+        **graph,
     )
     assert info["gbps"] > 0

@@ -1,4 +1,5 @@
-"""Shared benchmark helpers: device timer, L2 flush, copy-bandwidth roofline, extra_info.
+"""Shared benchmark helpers: device timer, CUDA-graph replay timer, L2 flush, copy-bandwidth
+roofline, device properties, extra_info.
 
 Import from a bench file as ``from common import ...`` (benchmarks/conftest.py puts this
 folder on ``sys.path``). On CUDA the timer uses CUDA events and flushes L2 before every
@@ -73,6 +74,46 @@ def measure(fn, device=DEVICE, warmup=3, reps=20, flush=True):
         return times[min(len(times) - 1, int(q * len(times)))]
 
     return {"median_ms": statistics.median(times), "p20_ms": pct(0.2), "p80_ms": pct(0.8), "min_ms": times[0]}
+
+
+def measure_graph(fn, device=DEVICE, warmup=3, reps=20):
+    """CUDA-graph replay time of ``fn`` (captured once, replayed per timed call, L2 flushed
+    between replays): ``{"graph_median_ms", "graph_p20_ms", "graph_p80_ms", "graph_min_ms"}``.
+    Off CUDA: ``{}``. A function that cannot be captured (a host sync, a data-dependent size)
+    gives ``{"graph_error": "<why>"}`` instead; the eager timing stands."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {}
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graphs advises
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as exc:  # noqa: BLE001 - any capture failure is reported, not raised
+        try:
+            torch.cuda.synchronize(device)
+        except RuntimeError:
+            pass
+        return {"graph_error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+    timing = measure(graph.replay, device=device, warmup=warmup, reps=reps)
+    return {f"graph_{key}": value for key, value in timing.items()}
+
+
+def device_properties(device=DEVICE):
+    """Device facts for the machine info: name, SMs, memory, capability (CUDA) or cores (CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return {"name": props.name, "multi_processor_count": props.multi_processor_count,
+                "total_memory_gb": round(props.total_memory / 2**30, 2), "capability": f"{props.major}.{props.minor}",
+                "cuda": torch.version.cuda, "l2_cache_mb": round(getattr(props, "L2_cache_size", 0) / 2**20, 1)}
+    return {"name": device_name(device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "triton_interpret": os.environ.get("TRITON_INTERPRET", "0")}
 
 
 def device_timer(device=DEVICE, **kwargs):

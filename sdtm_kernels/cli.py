@@ -1,8 +1,13 @@
-"""Command line: ``python -m sdtm_kernels demo`` (also the ``sdtm-kernels`` console script).
+"""Command line: ``python -m sdtm_kernels demo | bench`` (also the ``sdtm-kernels`` console script;
+``sdtm-bench`` runs ``bench``).
 
 ``demo`` builds SSM and IDM plans over a whole denoising schedule on a synthetic token grid
 (smooth structure plus detail noise, like a DiT's hidden states) and reports tokens kept,
 merge fidelity and plan/merge timing. It needs no GPU and no downloads.
+
+``bench`` runs a whole denoising schedule of a DiT-sized transformer with random weights
+unpatched and with SDTM and reports speedups, FLOP-bound speedups, tokens per step and the
+bookkeeping share (``sdtm_kernels/bench.py``; ``python -m sdtm_kernels bench --help``).
 """
 import argparse
 import json
@@ -12,7 +17,7 @@ import time
 
 import torch
 
-from . import plan_idm, plan_ssm, ratio_schedule
+from . import bench, plan_idm, plan_ssm, ratio_schedule
 from .reference.schedule import tokens_requested
 
 
@@ -94,11 +99,23 @@ def build_parser():
     demo.add_argument("--repeats", type=int, default=3, help="timing repeats per op")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    bench.add_arguments(sub.add_parser(
+        "bench", help="unpatched vs SDTM over a whole schedule of a random DiT-sized transformer",
+        description=bench.__doc__.splitlines()[0]))
     return parser
 
 
+def bench_main(argv=None):
+    """The ``sdtm-bench`` console script: ``python -m sdtm_kernels bench`` with ``argv``."""
+    return bench.main(argv)
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # parsing imports nothing heavy
+    if args.command == "bench":
+        bench.prepare_environment()  # TRITON_INTERPRET=1 without CUDA, before anything imports triton
+        argv = sys.argv[1:] if argv is None else list(argv)
+        return bench.run_args(args, argv[argv.index("bench") + 1:] if "bench" in argv else argv)
     if args.command == "demo":
         height, width = args.grid
         print(f"SDTM demo: grid {height}x{width} (N={height * width}), C={args.channels}, B={args.batch}, "
