@@ -47,5 +47,5 @@ setup(
         "sdtm-kernels=sdtm_kernels.cli:main",
         "sdtm-bench=sdtm_kernels.cli:bench_main",
     ]},
-    classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
+    classifiers=["Programming Language :: Python :: 3"],
 )
