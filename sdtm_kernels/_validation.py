@@ -25,6 +25,22 @@ def check_float(name, value):
     return value
 
 
+def check_ratio_deviation(ratio, deviation):
+    """``ratio`` and ``deviation`` such that every scheduled fraction lies in [0, 1)."""
+    ratio = check_float("ratio", ratio)
+    deviation = check_float("deviation", deviation)
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    if deviation < 0.0:
+        raise ValueError(f"deviation must be >= 0, got {deviation}")
+    if ratio - deviation < 0.0 or ratio + deviation >= 1.0:
+        raise ValueError(
+            f"ratio +/- deviation must stay in [0, 1) (rho is a fraction of the tokens): ratio={ratio}, "
+            f"deviation={deviation} give [{ratio - deviation}, {ratio + deviation}]"
+        )
+    return ratio, deviation
+
+
 def check_pair(name, value):
     """A pair of positive ints such as ``grid=(H, W)`` or ``window=(wh, ww)``."""
     if not isinstance(value, (tuple, list)) or len(value) != 2:

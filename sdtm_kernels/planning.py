@@ -40,17 +40,7 @@ def ratio_schedule(step: int, num_steps: int, ratio: float, deviation: float) ->
     step = check_int("step", step, minimum=0)
     if step >= num_steps:
         raise ValueError(f"step must be < num_steps={num_steps}, got {step}")
-    ratio = check_float("ratio", ratio)
-    deviation = check_float("deviation", deviation)
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
-    if deviation < 0.0:
-        raise ValueError(f"deviation must be >= 0, got {deviation}")
-    if ratio - deviation < 0.0 or ratio + deviation >= 1.0:
-        raise ValueError(
-            f"ratio +/- deviation must stay in [0, 1): ratio={ratio}, deviation={deviation} "
-            f"give [{ratio - deviation}, {ratio + deviation}]"
-        )
+    ratio, deviation = check_ratio_deviation(ratio, deviation)
     return ref_schedule.ratio_schedule(step, num_steps, ratio, deviation)
 
 

@@ -5,7 +5,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
-from .._validation import check_float, check_int, check_pair
+from .._validation import check_float, check_int, check_pair, check_ratio_deviation
 from ..backend import BACKENDS
 
 MERGE_MODES = ("mean", "prune")
@@ -64,17 +64,7 @@ class SDTMConfig:
     a_p: Union[float, Tuple[float, float]] = 1.0
 
     def __post_init__(self):
-        ratio = check_float("ratio", self.ratio)
-        deviation = check_float("deviation", self.deviation)
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"ratio must be in [0, 1), got {ratio}")
-        if deviation < 0.0:
-            raise ValueError(f"deviation must be >= 0, got {deviation}")
-        if ratio - deviation < 0.0 or ratio + deviation >= 1.0:
-            raise ValueError(
-                f"ratio +/- deviation must stay in [0, 1) (rho is a fraction of the tokens): ratio={ratio}, "
-                f"deviation={deviation} give [{ratio - deviation}, {ratio + deviation}]"
-            )
+        ratio, deviation = check_ratio_deviation(self.ratio, self.deviation)
         switch = self.switch_step
         if isinstance(switch, bool) or not isinstance(switch, numbers.Real):
             raise TypeError(f"switch_step must be an int step or a float fraction, got {type(switch).__name__}")
