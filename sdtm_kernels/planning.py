@@ -5,6 +5,8 @@ They validate arguments, pick the backend and wrap the plan tensors in a ``Merge
 Building a plan reads no tensor values on the host (no ``.item()``): plan sizes follow
 from the shapes and ``n_remove``, which are Python ints.
 """
+import torch
+
 from ._validation import (
     check_float,
     check_float_tokens,
@@ -12,11 +14,10 @@ from ._validation import (
     check_grid,
     check_int,
     check_li,
+    check_ratio_deviation,
     check_same_device,
     check_tensor,
 )
-import torch
-
 from .backend import resolve_backend
 from .ops import _score_library as lib
 from .plan import MergePlan
