@@ -18,8 +18,9 @@ closes that gap without a GPU:
 2. ``compile`` (subprocess without ``TRITON_INTERPRET``): imports each kernel, builds
    ``triton.compiler.ASTSource`` the way ``JITFunction._pack_args`` does (works with
    triton 3.6 and 3.9) and ``triton.compile``s it for ``GPUTarget("cuda", 90, 32)``
-   (ptxas included). Reports OK / the compiler error, shared memory, and, from the bundled
-   ``cuobjdump``, registers and local memory (spills) per variant.
+   (ptxas included). Reports OK / the compiler error, the dynamic shared memory the launch
+   requests (``metadata.shared``, checked against the sm_90 limit), and, from the bundled
+   ``cuobjdump``, registers, local memory (spills) and static shared memory per variant.
 
 Usage::
 
@@ -377,6 +378,8 @@ def _resource_usage(cubin):
     finally:
         os.unlink(path)
     usage = {k.lower(): int(v) for k, v in re.findall(r"\b(REG|SHARED|LOCAL|STACK):(\d+)", out)}
+    if "shared" in usage:  # cuobjdump's figure is the static part only; keep it apart from the dynamic one
+        usage["static_shared"] = usage.pop("shared")
     return usage or None
 
 
@@ -404,18 +407,25 @@ def compile_record(rec):
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     options = backend.parse_options({"num_warps": rec["num_warps"], "num_stages": rec["num_stages"]})
     ccinfo = triton.compile(src, target=target, options=options.__dict__)
-    info = {"shared": int(ccinfo.metadata.shared)}
+    info = {"shared": int(ccinfo.metadata.shared)}  # dynamic shared memory the launch requests
     usage = _resource_usage(ccinfo.asm["cubin"])
     if usage:
         info.update(usage)
     return info
 
 
-def cmd_compile(in_path, shard="0/1", report=None, subset=False, quiet=False):
+def kernel_name(rec):
+    """``module._kernel`` of a record, e.g. ``match._bipartite_match_kernel``."""
+    return f"{rec['module'].rsplit('.', 1)[-1]}.{rec['kernel']}"
+
+
+def cmd_compile(in_path, shard="0/1", report=None, subset=False, quiet=False, kernel=None):
     import triton
 
     with open(in_path) as fh:
         records = json.load(fh)["records"]
+    if kernel:
+        records = [r for r in records if kernel_name(r) == kernel]
     records = select_records(records, subset)
     index, count = map(int, shard.split("/"))
     mine = [(i, r) for i, r in enumerate(records) if i % count == index]
@@ -434,7 +444,7 @@ def cmd_compile(in_path, shard="0/1", report=None, subset=False, quiet=False):
         results.append({"index": i, "variant": _describe(rec), "label": rec.get("label"), "status": status,
                         "error": error, "seconds": round(seconds, 2), **info})
         if not quiet:
-            extra = " ".join(f"{k}={info[k]}" for k in ("shared", "reg", "local") if k in info)
+            extra = " ".join(f"{k}={info[k]}" for k in ("shared", "static_shared", "reg", "local") if k in info)
             print(f"[{status}] {seconds:5.1f}s {extra:28s} {_describe(rec)}", flush=True)
             if error:
                 print("    " + error.replace("\n", "\n    "), flush=True)
@@ -495,9 +505,9 @@ def record(json_path, python=None, quick=False, execute_all=False):
     subprocess.run(cmd, env=_env(True), check=True)
 
 
-def compile_all(json_path, python=None, jobs=None, subset=False, quiet=False):
-    """Compile in ``jobs`` parallel subprocesses of ``python`` with a fresh triton cache;
-    returns ``{"triton", "results", "seconds"}``."""
+def compile_all(json_path, python=None, jobs=None, subset=False, quiet=False, kernel=None):
+    """Compile in ``jobs`` parallel subprocesses of ``python`` with a fresh triton cache
+    (only ``kernel``'s records when given); returns ``{"triton", "results", "seconds"}``."""
     python = python or sys.executable
     jobs = jobs or max(1, os.cpu_count() or 1)
     t0 = time.time()
@@ -507,6 +517,7 @@ def compile_all(json_path, python=None, jobs=None, subset=False, quiet=False):
             report = os.path.join(tmp, f"report{j}.json")
             cmd = [python, os.path.abspath(__file__), "compile", json_path, "--shard", f"{j}/{jobs}",
                    "--report", report] + (["--subset"] if subset else []) + (["--quiet"] if quiet else [])
+            cmd += ["--kernel", kernel] if kernel else []
             env = _env(False, cache_dir=os.path.join(tmp, "cache"))
             procs.append((subprocess.Popen(cmd, env=env), report))
         results, version = [], None
@@ -528,12 +539,14 @@ def summarize(summary):
     per_kernel = {}
     for r in results:
         name = r["variant"].split("[", 1)[0]
-        ok, total, shared = per_kernel.get(name, (0, 0, 0))
-        per_kernel[name] = (ok + (r["status"] == "OK"), total + 1, max(shared, r.get("shared", 0)))
+        ok, total, shared, static = per_kernel.get(name, (0, 0, 0, 0))
+        per_kernel[name] = (ok + (r["status"] == "OK"), total + 1, max(shared, r.get("shared", 0)),
+                            max(static, r.get("static_shared", 0)))
     lines = [f"triton {summary['triton']}: {len(results) - len(failed)}/{len(results)} variants compiled for "
              f"sm_{TARGET[1]} in {summary['seconds']}s wall"]
-    for name, (ok, total, shared) in sorted(per_kernel.items()):
-        lines.append(f"  {name:40s} {ok}/{total} OK, max shared {shared} B")
+    for name, (ok, total, shared, static) in sorted(per_kernel.items()):
+        lines.append(f"  {name:40s} {ok}/{total} OK, max dynamic shared {shared} B "
+                     f"(limit {H100_MAX_SHARED} B), max static shared {static} B")
     spills = [r for r in results if r.get("local", 0) > 0]
     for r in spills:
         lines.append(f"  spills: local={r['local']} B reg={r.get('reg')} {r['variant']}")
@@ -552,6 +565,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="record: fewer plan shapes, no 64x64 plan")
     parser.add_argument("--execute-all", action="store_true",
                         help="record: also execute the merge.py kernels in the interpreter (slow)")
+    parser.add_argument("--kernel", help="compile only this kernel's records, e.g. match._bipartite_match_kernel")
     parser.add_argument("--shard", default="0/1")
     parser.add_argument("--report")
     parser.add_argument("--quiet", action="store_true")
@@ -561,7 +575,7 @@ def main(argv=None):
         cmd_record(args.json or "aot_records.json", args.quick, args.execute_all)
         return 0
     if args.step == "compile":
-        summary = cmd_compile(args.json, args.shard, args.report, args.subset, args.quiet)
+        summary = cmd_compile(args.json, args.shard, args.report, args.subset, args.quiet, args.kernel)
         return 0 if all(r["status"] == "OK" for r in summary["results"]) else 1
 
     with tempfile.TemporaryDirectory(prefix="aot_record_") as tmp:
@@ -569,7 +583,7 @@ def main(argv=None):
         record(json_path, quick=args.quick, execute_all=args.execute_all)
         status = 0
         for python in args.python or [sys.executable]:
-            summary = compile_all(json_path, python, args.jobs, args.subset, args.quiet)
+            summary = compile_all(json_path, python, args.jobs, args.subset, args.quiet, args.kernel)
             text, failed = summarize(summary)
             print(f"\n== {python}\n{text}", flush=True)
             status |= bool(failed)
