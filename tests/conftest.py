@@ -11,6 +11,11 @@ import pytest  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+# Reference fp32 matmuls follow the global TF32 switch; the kernels compute in full fp32.
+# Comparisons on CUDA must not see TF32's 10-bit mantissa on the reference side.
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
 
 @pytest.fixture
 def device():
