@@ -3,6 +3,11 @@
 
 Attention (and, with ``merge_cross_attention``, the query side of PixArt's cross-attention)
 runs on merged rows on SSM steps; the MLP on SSM and IDM steps. The prompt is never merged.
+
+diffusers adds ``gated + residual`` here (SD3 / Flux add ``residual + gated``): the operand
+order decides the memory layout of the sum when the residual is not contiguous (the patch
+embedding's ``flatten(2).transpose(1, 2)``), and the layout decides the rounding of the next
+matmul, so the exact path keeps diffusers' order (``residual_first=False``) to stay bit-identical.
 """
 from .core import block_context
 
@@ -56,7 +61,7 @@ def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None
     )
     if attn_output.ndim == 4:
         attn_output = attn_output.squeeze(1)
-    hidden_states = ctx.finish("attn", attn_output, residual=hidden_states, gate=gate_msa)
+    hidden_states = ctx.finish("attn", attn_output, residual=hidden_states, gate=gate_msa, residual_first=False)
 
     if gligen_kwargs is not None:
         hidden_states = self.fuser(hidden_states, gligen_kwargs["objs"])
@@ -78,7 +83,7 @@ def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None
             **cross_attention_kwargs,
         )
         if merge_cross:
-            hidden_states = ctx.finish("cross", attn_output, residual=hidden_states)
+            hidden_states = ctx.finish("cross", attn_output, residual=hidden_states, residual_first=False)
         else:
             ctx.note("cross", norm_hidden_states.shape[1])
             hidden_states = attn_output + hidden_states
@@ -91,7 +96,7 @@ def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None
         norm_hidden_states = self.norm2(hidden_states)
         norm_hidden_states = norm_hidden_states * (1 + scale_mlp) + shift_mlp
     ff_output = feed_forward(self, ctx.merge("mlp", norm_hidden_states))
-    hidden_states = ctx.finish("mlp", ff_output, residual=hidden_states, gate=gate_mlp)
+    hidden_states = ctx.finish("mlp", ff_output, residual=hidden_states, gate=gate_mlp, residual_first=False)
     if hidden_states.ndim == 4:
         hidden_states = hidden_states.squeeze(1)
     return hidden_states

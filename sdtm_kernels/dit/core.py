@@ -10,7 +10,16 @@ metric (the modulated ``norm1`` output), then for each sub-layer::
 ``attn``-like sub-layers ("attn", "attn2", "cross") merge on SSM steps only; "mlp" merges on
 SSM and IDM steps (SPEC 3.5). On protected steps ``finish`` stores ``gate * value`` (full
 length) as the layer's cache; on merged steps the blend uses it.
+
+Dtypes (also under ``torch.autocast``): a sub-layer that does not merge computes exactly the
+stock expression, operands in the stock order (``residual_first``), so its output is bit-identical
+to the unpatched block's, memory layout included (the layout decides the rounding of the next
+matmul). A merged sub-layer returns the dtype the stock ``residual + gate * value`` has
+(PyTorch type promotion of gate, value and residual: PixArt's fp32 gates keep an fp32 residual
+stream when autocast makes the sub-layer outputs bf16). Plans are built with autocast disabled,
+so a plan depends on the metric only.
 """
+import contextlib
 from typing import Optional
 
 import torch
@@ -66,7 +75,7 @@ class BlockContext:
         return y
 
     def finish(self, sublayer: str, y: torch.Tensor, residual: torch.Tensor, gate=None,
-               cache_names=None) -> torch.Tensor:
+               cache_names=None, residual_first: bool = True) -> torch.Tensor:
         """``residual + gate * value`` at full length, ``value`` unmerged from ``y``.
 
         ``gate`` is ``[B, C]``, ``[B, 1, C]`` or None. With a cache (non-protected steps after a
@@ -74,25 +83,48 @@ class BlockContext:
         release caches and blends *gated* outputs, so the merged rows are gated first and the
         unmerge epilogue runs without a gate. ``cache_names`` (default ``(sublayer,)``) names the
         caches whose sum is blended, for a merged output made of several cached parts.
+
+        Without merging this is the stock expression: ``residual + gate * y``, or
+        ``gate * y + residual`` with ``residual_first=False`` (diffusers' ``BasicTransformerBlock``),
+        bit for bit. Merged, the result has the dtype of that expression (type promotion of
+        ``gate``, ``y`` and ``residual``), whatever autocast made ``y``.
         """
         if self.merges(sublayer):
             cfg = self.state.config
             gate2 = None if gate is None else gate.reshape(gate.shape[0], gate.shape[-1])
+            # The cache holds the protected step's ``gate * value``: the gated dtype, which is not
+            # the residual's when autocast makes ``y`` bf16 under an fp32 gate.
+            like = _like(residual, y.dtype if gate is None else torch.promote_types(gate.dtype, y.dtype))
             cache = None
             for name in cache_names or (sublayer,):
-                part = self.state.get_cache(self.layer, name, residual)
+                part = self.state.get_cache(self.layer, name, like)
                 if part is None:
                     cache = None
                     break
                 cache = part if cache is None else cache + part
-            if cache is None:
-                return self.plan.unmerge(y, residual=residual, gate=gate2, backend=cfg.backend)
-            y_gated = y if gate2 is None else (gate2[:, None, :] * y).to(y.dtype)
-            return self.plan.unmerge(y_gated, residual=residual, cache=cache, mcw=cfg.mcw, backend=cfg.backend)
+            return unmerge_sublayer(self.plan, y, residual, gate2, cache, cfg.mcw, cfg.backend)
         gated = y if gate is None else gate_times(gate, y)
         if self.mode == "protected":
             self.state.set_cache(self.layer, sublayer, gated)
-        return residual + gated
+        return residual + gated if residual_first else gated + residual
+
+
+def _like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A storage-free stand-in with ``t``'s shape and device and ``dtype`` (for cache checks)."""
+    if t.dtype == dtype:
+        return t
+    return torch.empty((), dtype=dtype, device=t.device).expand(t.shape)
+
+
+def _autocast_off(device: torch.device):
+    """Autocast disabled on ``device`` while plans are built (autocast would run the reference
+    scores' matmuls in bf16/fp16, so the plan would depend on the autocast region)."""
+    try:
+        if torch.is_autocast_enabled(device.type):
+            return torch.autocast(device.type, enabled=False)
+    except (RuntimeError, TypeError, ValueError):  # a device type without autocast
+        pass
+    return contextlib.nullcontext()
 
 
 def gate_times(gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -134,19 +166,33 @@ def block_context(state: Optional[SDTMState], layer: int, metric: torch.Tensor, 
         statistic = received().detach()
         if statistic.shape[0] != source.shape[0]:
             statistic = statistic.mean(dim=0, keepdim=True)
-    plan = state.build_plan(source, mode, batch, received=statistic)
+    with _autocast_off(source.device):
+        plan = state.build_plan(source, mode, batch, received=statistic)
     ctx = BlockContext(state, layer, mode, plan, num_tokens=num_tokens)
     if statistic is not None and state.keep_plans:
         ctx.record["received"] = statistic
     return ctx
 
 
+def unmerge_sublayer(plan, y, residual, gate=None, cache=None, mcw: float = 1.0, backend=None):
+    """``residual + unmerge(gate * y)`` (``gate`` ``[B, C]`` or None) with the gated-cache blend
+    when ``cache`` (the full-length ``gate * value``) is given. The result has the dtype of the
+    stock ``residual + gate * value`` (type promotion of the three: under autocast ``y`` is bf16
+    while a gate, and then the residual stream, may stay fp32); the epilogue computes in fp32."""
+    gated_dtype = y.dtype if gate is None else torch.promote_types(gate.dtype, y.dtype)
+    out_dtype = torch.promote_types(gated_dtype, residual.dtype)
+    residual = residual.to(out_dtype)
+    if cache is None:
+        return plan.unmerge(y.to(out_dtype), residual=residual, gate=gate, backend=backend)
+    y_gated = y if gate is None else gate[:, None, :] * y  # the gated dtype, as the cache
+    return plan.unmerge(y_gated.to(out_dtype), residual=residual, cache=cache.to(out_dtype), mcw=mcw,
+                        backend=backend)
+
+
 def run_merged(plan, fn, inp, residual, gate=None, cache=None, mcw: float = 1.0, mode: str = "mean",
                backend=None):
     """One merged sub-layer as a pure function (no state): ``residual + unmerge(gate * fn(merge(inp)))``
-    with the gated-cache blend. ``torch.compile(fullgraph=True)`` traces it without breaks."""
+    with the gated-cache blend, in the dtype of the stock ``residual + gate * value``.
+    ``torch.compile(fullgraph=True)`` traces it without breaks."""
     y = fn(plan.merge(inp, mode=mode, backend=backend))
-    if cache is None:
-        return plan.unmerge(y, residual=residual, gate=gate, backend=backend)
-    y_gated = y if gate is None else (gate[:, None, :] * y).to(y.dtype)
-    return plan.unmerge(y_gated, residual=residual, cache=cache, mcw=mcw, backend=backend)
+    return unmerge_sublayer(plan, y, residual, gate=gate, cache=cache, mcw=mcw, backend=backend)
