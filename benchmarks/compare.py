@@ -3,6 +3,8 @@
 Both files must be of the same kind: pytest-benchmark JSON (cases keyed by op, provider,
 shape, dtype and device from ``extra_info``, compared on ``median_ms``) or the main job's
 ``results.json`` (runs keyed by name, compared on the median step time ``step_ms_median``).
+Cases are keyed by op, provider, mode (structure / detail), shape and dtype, so structure and
+detail cases of the same op stay apart; a note says when the files come from different machines.
 A case is a regression when the candidate is slower than the baseline by more than
 ``--threshold`` percent. Cases present in only one file are listed, not flagged.
 
@@ -18,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from render import case_rows, load  # noqa: E402
+from render import case_key, case_rows, load, machine_of  # noqa: E402
 
 
 def timings(doc, kind):
@@ -26,9 +28,9 @@ def timings(doc, kind):
     out = {}
     if kind == "pytest-benchmark":
         for row in case_rows(doc):
-            key = " ".join(str(row.get(k, "-")) for k in ("op", "provider", "shape", "dtype", "device"))
-            if row.get("op") == row.get("name"):
-                key = row["name"]
+            key = row["name"] if row.get("op") == row.get("name") else case_key(row)
+            if key in out:
+                raise ValueError(f"two cases share the key {key!r}: the file holds cases this script cannot tell apart")
             if row.get("median_ms") is not None:
                 out[key] = float(row["median_ms"])
     else:
@@ -70,7 +72,15 @@ def main(argv=None):
     if base_kind != cand_kind:
         print(f"compare: {args.baseline} is {base_kind} but {args.candidate} is {cand_kind}", file=sys.stderr)
         return 2
-    rows = compare(timings(base_doc, base_kind), timings(cand_doc, cand_kind), args.threshold)
+    try:
+        rows = compare(timings(base_doc, base_kind), timings(cand_doc, cand_kind), args.threshold)
+    except ValueError as exc:
+        print(f"compare: {exc}", file=sys.stderr)
+        return 2
+    base_machine, cand_machine = machine_of(base_doc, base_kind), machine_of(cand_doc, cand_kind)
+    if base_machine != cand_machine:
+        print(f"note: the files come from different machines ({base_machine} vs {cand_machine}): a difference "
+              "may be the machine's, not the code's")
     width = max([len(r[0]) for r in rows] + [4])
     print(f"{'case'.ljust(width)}  {'base ms':>10}  {'new ms':>10}  {'change':>8}  status")
     for key, b, c, change, status in rows:

@@ -51,6 +51,39 @@ def case_rows(doc):
     return rows
 
 
+CASE_KEYS = ("op", "provider", "mode", "shape", "dtype")  # what tells two cases apart
+
+
+def case_key(row):
+    """The key of a case: op, provider, mode (structure / detail / full), shape and dtype. The
+    device is not part of it, so results from two machines can be compared."""
+    return " ".join(str(row.get(k)) for k in CASE_KEYS if row.get(k) not in (None, ""))
+
+
+def machine_of(doc, kind=None):
+    """A short description of the machine a result file comes from."""
+    kind = kind or kind_of(doc)
+    if kind == "sdtm-bench":
+        env = doc.get("environment") or {}
+        return str(env.get("device") or doc.get("config", {}).get("device", "?"))
+    machine = doc.get("machine_info") or {}
+    devices = sorted({str(r["device"]) for r in case_rows(doc) if r.get("device")})
+    cpu = (machine.get("cpu") or {}).get("brand_raw") if isinstance(machine.get("cpu"), dict) else None
+    return "; ".join(x for x in (", ".join(devices), cpu, machine.get("node")) if x) or "?"
+
+
+def with_speedups(rows):
+    """Speedup of every case against the unpatched case of the same op, shape and dtype, from
+    the medians in the same file (so the column always agrees with the medians beside it)."""
+    base = {(r.get("op"), str(r.get("shape")), r.get("dtype")): r["median_ms"] for r in rows
+            if r.get("provider") == "unpatched" and r.get("median_ms")}
+    for row in rows:
+        ref = base.get((row.get("op"), str(row.get("shape")), row.get("dtype")))
+        if ref is not None and row.get("median_ms"):
+            row["speedup"] = ref / row["median_ms"]
+    return rows
+
+
 def _fmt(value, spec):
     if value is None or value == "":
         return "-"
@@ -60,7 +93,8 @@ def _fmt(value, spec):
 
 
 CASE_COLUMNS = (
-    ("op", "op", "{}"), ("provider", "provider", "{}"), ("shape", "shape", "{}"), ("dtype", "dtype", "{}"),
+    ("op", "op", "{}"), ("provider", "provider", "{}"), ("mode", "mode", "{}"), ("shape", "shape", "{}"),
+    ("dtype", "dtype", "{}"),
     ("median ms", "median_ms", "{:.3f}"), ("p20 ms", "p20_ms", "{:.3f}"), ("p80 ms", "p80_ms", "{:.3f}"),
     ("graph ms", "graph_median_ms", "{:.3f}"), ("GB/s", "gbps", "{:.1f}"),
     ("% copy BW", "pct_of_copy_bandwidth", "{:.0f}%"), ("TFLOP/s", "tflops", "{:.2f}"),
@@ -69,7 +103,8 @@ CASE_COLUMNS = (
 
 
 def render_cases(doc):
-    rows = sorted(case_rows(doc), key=lambda r: (str(r.get("op")), str(r.get("shape")), str(r.get("provider"))))
+    rows = sorted(with_speedups(case_rows(doc)),
+                  key=lambda r: (str(r.get("op")), str(r.get("shape")), str(r.get("provider")), str(r.get("mode"))))
     columns = [c for c in CASE_COLUMNS if any(r.get(c[1]) is not None for r in rows)]
     lines = ["| " + " | ".join(h for h, _, _ in columns) + " |",
              "|" + "|".join("---" if f == "{}" else "---:" for _, _, f in columns) + "|"]
@@ -100,8 +135,8 @@ def render(doc, kind=None):
 
 
 def plot(docs, path):
-    """Bar chart of median ms per case (pytest-benchmark) or step ms per run (sdtm bench).
-    Returns False when matplotlib is not installed."""
+    """Median ms per case, one panel per op (log axis: ops differ by orders of magnitude), or
+    step ms per run (sdtm bench). Returns False when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -109,19 +144,26 @@ def plot(docs, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    labels, values = [], []
+    panels = {}
     for doc, kind in docs:
         if kind == "pytest-benchmark":
             for row in case_rows(doc):
-                labels.append(f"{row.get('op')} {row.get('provider')} {row.get('shape')}")
-                values.append(row.get("median_ms") or 0.0)
+                label = " ".join(str(row.get(k)) for k in ("provider", "mode", "shape", "dtype") if row.get(k))
+                panels.setdefault(str(row.get("op")), []).append((label, row.get("median_ms") or 0.0))
         else:
-            for run in doc["runs"]:
-                labels.append(run["name"])
-                values.append(run["step_ms_median"])
-    fig, ax = plt.subplots(figsize=(8, 0.3 * len(labels) + 1.5))
-    ax.barh(labels, values)
-    ax.set_xlabel("median ms")
+            title = f"main job: {doc['config'].get('family')} on {machine_of(doc, kind)}"
+            panels[title] = [(run["name"], run.get("step_ms_mean", run["step_ms_median"])) for run in doc["runs"]]
+    fig, axes = plt.subplots(len(panels), 1, squeeze=False,
+                             figsize=(9, sum(0.28 * len(v) + 1.2 for v in panels.values())),
+                             gridspec_kw={"height_ratios": [len(v) + 2 for v in panels.values()]})
+    for ax, (title, bars) in zip(axes[:, 0], panels.items()):
+        labels, values = zip(*bars)
+        ax.barh(range(len(bars)), values)
+        ax.set_yticks(range(len(bars)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("median ms (log)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -145,3 +145,30 @@ def test_measure_graph_off_cuda():
         assert timing["graph_median_ms"] > 0
     else:
         assert common.measure_graph(lambda: None, device="cpu") == {}
+
+
+def test_structure_and_detail_cases_keep_their_own_keys(tmp_path, capsys):
+    doc = {"machine_info": {"sdtm_device": "cpu (test)"},
+           "benchmarks": [_case("block:tiny", "unpatched", 10.0, mode="full"),
+                          _case("block:tiny", "sdtm-triton", 8.0, mode="ssm"),
+                          _case("block:tiny", "sdtm-triton", 9.5, mode="idm")]}
+    keys = compare.timings(doc, "pytest-benchmark")
+    assert len(keys) == 3 and any("ssm" in k for k in keys) and any("idm" in k for k in keys)
+    rendered = render.render(doc)
+    assert rendered.count("| sdtm-triton |") == 2 and "| ssm |" in rendered and "| idm |" in rendered
+    # The speedup column is computed from the medians beside it (10 / 8, 10 / 9.5), whatever a
+    # separately measured baseline stored in extra_info said.
+    doc["benchmarks"][1]["extra_info"]["speedup"] = 0.23
+    rendered = render.render(doc)
+    assert "1.25x" in rendered and "1.05x" in rendered and "0.23x" not in rendered
+
+
+def test_compare_says_when_machines_differ(tmp_path, capsys):
+    a = _pytest_benchmark_doc()
+    b = copy.deepcopy(a)
+    for case in b["benchmarks"]:
+        case["extra_info"]["device"] = "NVIDIA H100 (test)"
+    assert compare.main([_write(tmp_path, "a.json", a), _write(tmp_path, "b.json", b)]) == 0
+    assert "different machines" in capsys.readouterr().out
+    assert compare.main([_write(tmp_path, "a.json", a), _write(tmp_path, "c.json", a)]) == 0
+    assert "different machines" not in capsys.readouterr().out

@@ -1,0 +1,110 @@
+"""Model sizes and the FLOP model of the bench job (formulas in ``sdtm_kernels.bench``)."""
+import statistics
+from collections import defaultdict
+
+import torch
+
+from .common import BenchError
+
+# -- model specs and the FLOP model ------------------------------------------------------------
+def default_spec(family, device, quick=False):
+    """The model size the bench uses by default on ``device`` (see the module docstring)."""
+    if torch.device(device).type == "cuda":
+        spec = dict(layers=24, width=1536, head_dim=64, latent=128, patch=2, in_channels=16, text_len=333,
+                    text_dim=4096, pooled_dim=2048, steps=50, dtype="bfloat16")
+        if quick:
+            spec.update(layers=8, latent=64, steps=20)
+    else:
+        spec = dict(layers=6, width=384, head_dim=64, latent=64, patch=2, in_channels=16, text_len=77,
+                    text_dim=256, pooled_dim=128, steps=20, dtype="float32")
+        if quick:
+            spec.update(layers=2, width=128, latent=32, steps=6)
+    if family == "pixart":
+        spec.update(in_channels=4, text_len=120, text_dim=4096 if torch.device(device).type == "cuda" else 256,
+                    head_dim=72 if spec["width"] % 72 == 0 else spec["head_dim"])
+    spec.update(family=family, mlp_ratio=4)
+    return spec
+
+
+SIZES = {
+    "sd3-medium": dict(family="sd3", layers=24, width=1536, head_dim=64, in_channels=16, text_len=333,
+                       text_dim=4096, pooled_dim=2048),
+    "pixart-alpha": dict(family="pixart", layers=28, width=1152, head_dim=72, in_channels=4, text_len=120,
+                         text_dim=4096, pooled_dim=0),
+}
+
+
+def make_spec(family, *, layers, width, latent, head_dim=64, patch=2, in_channels=16, text_len=77, text_dim=256,
+              pooled_dim=128, mlp_ratio=4, **_ignored):
+    if width % head_dim:
+        head_dim = 64 if width % 64 == 0 else 32
+    if width % head_dim:
+        raise BenchError(f"--width {width} must be a multiple of 32 (heads of 64 or 32 channels)")
+    if latent % patch:
+        raise BenchError(f"latent size {latent} must be a multiple of the patch size {patch}")
+    if family == "dit":
+        text_len = 0  # the package's DiT takes a pooled condition (adaLN), no text tokens
+    return dict(family=family, layers=int(layers), width=int(width), head_dim=int(head_dim), heads=width // head_dim,
+                latent=int(latent), patch=int(patch), grid=(latent // patch, latent // patch),
+                num_tokens=(latent // patch) ** 2, in_channels=int(in_channels), text_len=int(text_len),
+                text_dim=int(text_dim), pooled_dim=int(pooled_dim), mlp_ratio=int(mlp_ratio))
+
+
+def block_flops(spec, layer, attn=None, mlp=None, cross=None):
+    """FLOPs of one block call for one batch row (module docstring); token counts default to N."""
+    n = spec["num_tokens"]
+    c, t, r = spec["width"], spec["text_len"], spec["mlp_ratio"]
+    na = n if attn is None else attn
+    nm = n if mlp is None else mlp
+    nx = n if cross is None else cross
+    family = spec["family"]
+    if family == "sd3":
+        last = layer == spec["layers"] - 1
+        flops = 6 * (na + t) * c * c + 2 * na * c * c + 4 * (na + t) ** 2 * c + 4 * r * nm * c * c
+        if not last:
+            flops += 2 * t * c * c + 4 * r * t * c * c
+        return flops
+    flops = 8 * na * c * c + 4 * na * na * c + 4 * r * nm * c * c
+    if family == "pixart":
+        flops += 4 * nx * c * c + 4 * t * c * c + 4 * nx * t * c
+    return flops
+
+
+def call_overhead_flops(spec):
+    """FLOPs of one model call outside the blocks (patch embedding, output and text projections)."""
+    n, c, p = spec["num_tokens"], spec["width"], spec["patch"]
+    out_channels = spec["in_channels"] * (2 if spec["family"] == "pixart" else 1)
+    return 2 * n * c * p * p * (spec["in_channels"] + out_channels) + 2 * spec["text_len"] * spec["text_dim"] * c
+
+
+def schedule_flops(spec, stats=None, steps=None, calls_per_step=1):
+    """FLOPs of a whole schedule per batch row: from ``stats`` (SDTM) or with N tokens everywhere."""
+    if stats is None:
+        per_call = sum(block_flops(spec, layer) for layer in range(spec["layers"])) + call_overhead_flops(spec)
+        return per_call * steps * calls_per_step
+    total = 0
+    calls = set()
+    for rec in stats:
+        total += block_flops(spec, rec["layer"], rec.get("attn"), rec.get("mlp"), rec.get("cross"))
+        calls.add((rec["step"], rec["call"]))
+    return total + len(calls) * call_overhead_flops(spec)
+
+
+def tokens_per_step(stats, num_tokens):
+    """Per step (first call): the majority mode and the mean image tokens the attention and MLP
+    sub-layers saw over the blocks."""
+    by_step = defaultdict(list)
+    for rec in stats:
+        if rec["call"] == 0:
+            by_step[rec["step"]].append(rec)
+    rows = []
+    for step in sorted(by_step):
+        recs = by_step[step]
+        modes = [r["mode"] for r in recs]
+        rows.append({
+            "step": step,
+            "mode": max(set(modes), key=modes.count),
+            "attn": statistics.fmean(r.get("attn", num_tokens) for r in recs),
+            "mlp": statistics.fmean(r.get("mlp", num_tokens) for r in recs),
+        })
+    return rows

@@ -1,0 +1,127 @@
+"""Random-weight transformers the bench job times (diffusers SD3 / PixArt, or the package's DiT)."""
+import contextlib
+
+import torch
+
+from ..dit.config import make_config
+from .common import BenchError
+from .timing import TimedSDTMState
+
+# -- models ------------------------------------------------------------------------------------
+def have_diffusers():
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class BenchModel:
+    """A transformer with random weights and the inputs of one CFG call.
+
+    ``forward(latent [B, c, H, W], t [B])`` returns the velocity. ``patch(preset, backend,
+    steps)`` applies SDTM and returns the (timed) state; ``unpatch()`` removes it."""
+
+    def __init__(self, spec, device, dtype, batch=1, seed=0):
+        self.spec, self.device, self.dtype = spec, torch.device(device), dtype
+        self.model_batch = 2 * batch  # CFG: unconditional + conditional rows
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        with torch.device(self.device):  # initialise the random weights on the device (fast on a GPU)
+            self.model, self.cond = self._build(spec, gen)
+        with _quiet_diffusers():  # "modules that should be kept in float32": none for random weights
+            self.model = self.model.to(self.device, dtype).eval().requires_grad_(False)
+        self.cond = {k: v.to(self.device, dtype) for k, v in self.cond.items()}
+        self.state = None
+        self._handles = ()
+
+    def _build(self, spec, gen):
+        family = spec["family"]
+        t, d = spec["text_len"], spec["text_dim"]
+        if family == "sd3":
+            import diffusers
+
+            self.model = diffusers.SD3Transformer2DModel(
+                sample_size=spec["latent"], patch_size=spec["patch"], in_channels=spec["in_channels"],
+                num_layers=spec["layers"], attention_head_dim=spec["head_dim"], num_attention_heads=spec["heads"],
+                joint_attention_dim=d, caption_projection_dim=spec["width"], pooled_projection_dim=spec["pooled_dim"],
+                out_channels=spec["in_channels"], pos_embed_max_size=max(spec["grid"][0], 96))
+            self.cond = dict(encoder_hidden_states=torch.randn(self.model_batch, t, d, generator=gen, device="cpu"),
+                             pooled_projections=torch.randn(self.model_batch, spec["pooled_dim"], generator=gen,
+                                                            device="cpu"))
+        elif family == "pixart":
+            import diffusers
+
+            self.model = diffusers.PixArtTransformer2DModel(
+                num_attention_heads=spec["heads"], attention_head_dim=spec["head_dim"],
+                in_channels=spec["in_channels"], out_channels=2 * spec["in_channels"], num_layers=spec["layers"],
+                sample_size=spec["latent"], patch_size=spec["patch"], cross_attention_dim=spec["width"],
+                caption_channels=d, use_additional_conditions=False)
+            self.cond = dict(encoder_hidden_states=torch.randn(self.model_batch, t, d, generator=gen, device="cpu"))
+        elif family == "dit":
+            from ..small_dit import SmallDiT
+
+            self.model = SmallDiT(in_channels=spec["in_channels"], hidden=spec["width"], depth=spec["layers"],
+                                  heads=spec["heads"], patch=spec["patch"], grid=spec["grid"], cond_dim=d,
+                                  mlp_ratio=spec["mlp_ratio"])
+            self.cond = dict(y=torch.randn(self.model_batch, d, generator=gen, device="cpu"))
+        else:
+            raise BenchError(f"unknown model family {family!r}")
+        return self.model, self.cond
+
+    def forward(self, latent, t):
+        if self.spec["family"] == "dit":
+            return self.model(latent, t, **self.cond)
+        out = self.model(hidden_states=latent, timestep=t, return_dict=False, **self.cond)[0]
+        if self.spec["family"] == "pixart":
+            out = out.chunk(2, dim=1)[0]  # learned-sigma models: the first half is the prediction
+        return out
+
+    def patch(self, preset, backend, steps):
+        self.unpatch()
+        if self.spec["family"] == "dit":
+            from ..dit import attach_state, wrap_dit_blocks
+            from ..small_dit import dit_modulation
+
+            state = TimedSDTMState(make_config(preset, num_steps=steps, backend=backend), num_steps=steps)
+            wrap_dit_blocks(self.model.blocks, state, modulation=dit_modulation)
+            self._handles = attach_state(self.model, state, grid=self.spec["grid"], timestep="t")
+        else:
+            from ..dit import apply_sdtm, get_state
+
+            apply_sdtm(self.model, preset=preset, num_steps=steps, backend=backend)
+            state = get_state(self.model)
+            state.__class__ = TimedSDTMState  # adds the timed sections; same state object the blocks hold
+        self.state = state
+        return state
+
+    def unpatch(self):
+        if self.state is None:
+            return
+        if self.spec["family"] == "dit":
+            from ..dit import unwrap_dit_blocks
+
+            unwrap_dit_blocks(self.model.blocks)
+            for handle in self._handles:
+                handle.remove()
+            self._handles = ()
+        else:
+            from ..dit import remove_sdtm
+
+            remove_sdtm(self.model)
+        self.state = None
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    try:
+        from diffusers.utils import logging as dlogging
+    except ImportError:
+        yield
+        return
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlogging.set_verbosity(level)

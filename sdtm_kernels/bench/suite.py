@@ -1,0 +1,217 @@
+"""The main job on a random-weight model: every run, timed, with FLOP bounds (``run_suite``)."""
+import statistics
+import time
+
+import torch
+
+from .common import GUIDANCE, VAE_FACTOR, BenchError
+from .flops import default_spec, make_spec, schedule_flops, tokens_per_step
+from .models import BenchModel, have_diffusers
+from .report import device_name
+from .sanity import CpuShare, findings, repeat_spread
+from .timing import BookkeepingTimer, Progress, rel_l2, sample, sample_steps
+
+# -- the Triton interpreter check --------------------------------------------------------------
+def kernel_check(seed=0, grid=(16, 16), channels=32, batch=2):
+    """Triton kernels (interpreter on CPU) vs the reference on a small sample: plans (same
+    size, share of tokens assigned the same row) and merge / unmerge of the same plan."""
+    from .. import plan_idm, plan_ssm
+    from ..backend import BackendUnavailableError
+
+    gen = torch.Generator().manual_seed(seed)
+    n = grid[0] * grid[1]
+    metric = torch.randn(batch, n, channels, generator=gen)
+    x = torch.randn(batch, n, channels, generator=gen)
+    residual = torch.randn(batch, n, channels, generator=gen)
+    gate = torch.randn(batch, channels, generator=gen)
+    result = {"shape": [batch, n, channels], "grid": list(grid), "device": "cpu"}
+    start = time.perf_counter()
+    try:
+        for name, builder in (("ssm", plan_ssm), ("idm", plan_idm)):
+            n_remove = n // 2
+            ref = builder(metric, grid, n_remove, backend="reference")
+            tri = builder(metric, grid, n_remove, backend="triton")
+            same = (ref.row_of_token == tri.row_of_token).float().mean().item() if ref.num_rows == tri.num_rows else 0.0
+            merged_ref = ref.merge(x, backend="reference")
+            merged_tri = ref.merge(x, backend="triton")
+            un_ref = ref.unmerge(merged_ref, residual=residual, gate=gate, backend="reference")
+            un_tri = ref.unmerge(merged_ref, residual=residual, gate=gate, backend="triton")
+            result[f"plan_{name}"] = {"num_rows_reference": ref.num_rows, "num_rows_triton": tri.num_rows,
+                                      "same_assignment_fraction": same}
+            result[f"merge_{name}_max_abs_diff"] = float((merged_ref - merged_tri).abs().max())
+            result[f"unmerge_{name}_max_abs_diff"] = float((un_ref - un_tri).abs().max())
+    except BackendUnavailableError as exc:
+        result["error"] = str(exc)
+        return result
+    result["max_abs_diff"] = max(v for k, v in result.items() if k.endswith("_max_abs_diff"))
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+# -- runs --------------------------------------------------------------------------------------
+def resolved_backend(backend, device):
+    from ..backend import resolve_backend
+
+    return resolve_backend(backend, torch.device(device), "merge")
+
+
+def run_suite(args, log=print):
+    """Build the model and run every configuration; returns the result dict."""
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    cuda = device.type == "cuda"
+    family = args.family or ("sd3" if have_diffusers() else "dit")
+    if family in ("sd3", "pixart") and not have_diffusers():
+        raise BenchError(f"--family {family} needs diffusers (pip install diffusers); --family dit needs nothing")
+    base = default_spec(family, device, quick=args.quick)
+    if args.size is not None:
+        if args.size % (VAE_FACTOR * base["patch"]):
+            raise BenchError(f"--size {args.size} must be a multiple of {VAE_FACTOR * base['patch']} pixels")
+        base["latent"] = args.size // VAE_FACTOR
+    if args.latent is not None:
+        base["latent"] = args.latent
+    if args.blocks is not None:
+        base["layers"] = args.blocks
+    if args.width is not None:
+        base["width"] = args.width
+    steps = args.steps or base["steps"]
+    spec = make_spec(**base)
+    backends = [None] + (["reference"] if cuda and not args.no_reference else [])
+    configs = [("unpatched", None, None)] + [(f"{p}/{resolved_backend(b, device)}", p, b)
+                                             for p in args.presets for b in backends]
+
+    log(f"SDTM bench: {family} {spec['layers']} blocks, C={spec['width']}, {spec['heads']} heads, "
+        f"latent {spec['latent']}x{spec['latent']} -> N={spec['num_tokens']} image + {spec['text_len']} text "
+        f"tokens, batch {2 * args.batch} (CFG), {steps} steps, {args.dtype}, on {device_name(device)}")
+    bench_model = BenchModel(spec, device, dtype, batch=args.batch, seed=args.seed)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    noise = torch.randn(args.batch, spec["in_channels"], spec["latent"], spec["latent"], generator=gen)
+    noise = noise.to(device, dtype)
+
+    warmup = args.warmup if args.warmup is not None else (1 if cuda else 0)
+    repeats = args.repeats if args.repeats is not None else (1 if cuda else 2)
+    instrumented_pass = cuda  # CPU: the timed sections are cheap, the main pass is instrumented
+    n_sdtm = sum(1 for c in configs if c[1] is not None)
+    passes = len(configs) * (repeats + warmup) + (n_sdtm if instrumented_pass else 0)
+    progress = Progress(passes * steps, enabled=not args.no_progress)
+    runs = {name: None for name, _, _ in configs}
+    finals = {}
+    # Interleaved (default on CPU): every configuration has its own copy of the model (same seed,
+    # same weights) and the schedules advance one step each in turn, so that a slow phase of a
+    # shared machine hits all of them alike. Repeats go round-robin too; each step's time is the
+    # minimum over the repeats.
+    interleave = (not cuda) if args.interleave is None else args.interleave
+    models = {name: (BenchModel(spec, device, dtype, batch=args.batch, seed=args.seed) if interleave and i else
+                     bench_model) for i, (name, _, _) in enumerate(configs)}
+    with torch.no_grad():  # first call of each model: lazy initialisation outside the timings
+        for bm in {id(m): m for m in models.values()}.values():
+            bm.forward(torch.cat([noise, noise]), torch.full((bm.model_batch,), 999.0, device=device))
+
+    def finish(entry, final, times):
+        name, preset, bm, state, timer = entry[:5]
+        run = runs[name]
+        if run is None:
+            run = runs[name] = {"name": name, "preset": preset, "backend": entry[5] or "auto",
+                                "resolved_backend": None if preset is None else resolved_backend(entry[5], device),
+                                "pass_s": [], "min_step_s": list(times)}
+            finals[name] = final.float().cpu()
+            if preset is None:
+                run["flops"] = schedule_flops(spec, steps=steps) * bm.model_batch
+                run["tokens_per_step"] = [{"step": s, "mode": "full", "attn": spec["num_tokens"],
+                                           "mlp": spec["num_tokens"]} for s in range(steps)]
+            else:
+                stats = list(state.stats)
+                run["flops"] = schedule_flops(spec, stats) * bm.model_batch
+                run["tokens_per_step"] = tokens_per_step(stats, spec["num_tokens"])
+        else:
+            run["min_step_s"] = [min(a, b) for a, b in zip(run["min_step_s"], times)]
+            run["rerun_rel_l2"] = max(run.get("rerun_rel_l2", 0.0), rel_l2(final.float().cpu(), finals[name]))
+        run["pass_s"].append(sum(times))
+        if preset is None:
+            return
+        if instrumented_pass and entry[6] == repeats - 1:
+            timer.enabled = True
+            timer.reset()
+            _, inst_times = sample(bm, noise, steps, progress, name + " (bookkeeping pass)")
+            pass_total = sum(inst_times)
+        else:
+            pass_total = sum(times)
+        if instrumented_pass or run.get("bookkeeping_share") is None or pass_total < run["_bk_pass"]:
+            run.update(_bk_pass=pass_total, bookkeeping_s=timer.total, bookkeeping_share=timer.total / pass_total,
+                       bookkeeping={k: {"seconds": v, "calls": timer.calls[k]} for k, v in timer.seconds.items()})
+        bm.unpatch()
+
+    cpu_usage = None if cuda else CpuShare(torch.get_num_threads())
+    for rep in range(repeats):
+        active = []
+        for name, preset, backend in configs:
+            bm = models[name]
+            timer = BookkeepingTimer(device, enabled=not instrumented_pass)
+            state = None
+            if preset is not None:
+                state = bm.patch(preset, backend, steps)
+                state.timer = timer
+            for _ in range(warmup if rep == 0 else 0):
+                sample(bm, noise, steps, progress, name + " (warm-up)")
+            timer.reset()
+            entry = (name, preset, bm, state, timer, backend, rep)
+            if interleave:
+                active.append((entry, sample_steps(bm, noise, steps), []))
+            else:
+                finish(entry, *sample(bm, noise, steps, progress, f"{name} ({rep + 1}/{repeats})"))
+        for step in range(steps if interleave else 0):
+            for entry, gen, times in active:
+                times.append(next(gen))
+                progress.update(label=f"step {step + 1}/{steps} {entry[0]} (repeat {rep + 1}/{repeats}, interleaved)")
+        for entry, gen, times in active:
+            try:
+                next(gen)
+            except StopIteration as stop:
+                finish(entry, stop.value, times)
+    runs = list(runs.values())
+    for run in runs:
+        run.pop("_bk_pass", None)
+        run["repeat_spread"] = repeat_spread(run["pass_s"])
+        times = run.pop("min_step_s")
+        run["step_ms"] = [1e3 * t for t in times]
+        run["total_s"] = sum(times)
+        run["step_ms_median"] = 1e3 * statistics.median(times)
+        run["step_ms_mean"] = 1e3 * run["total_s"] / len(times)  # what the speedup column divides
+        run["tflops_achieved"] = run["flops"] / run["total_s"] / 1e12
+        run["mean_tokens"] = statistics.fmean((r["attn"] + r["mlp"]) / 2 for r in run["tokens_per_step"])
+        run.setdefault("bookkeeping_s", 0.0)
+    progress.close()
+
+    base_run = runs[0]
+    for run in runs:
+        run["speedup"] = base_run["total_s"] / run["total_s"]
+        run["speedup_median_step"] = base_run["step_ms_median"] / run["step_ms_median"]
+        run["flop_bound_speedup"] = base_run["flops"] / run["flops"]
+        run["pct_of_flop_bound"] = 100.0 * run["speedup"] / run["flop_bound_speedup"]
+        run["rel_l2_vs_unpatched"] = rel_l2(finals[run["name"]], finals[base_run["name"]])
+    backend_diffs = []
+    for preset in args.presets:
+        default_name = f"{preset}/{resolved_backend(None, device)}"
+        ref_name = f"{preset}/reference"
+        if default_name != ref_name and default_name in finals and ref_name in finals:
+            a, b = finals[default_name], finals[ref_name]
+            backend_diffs.append({"preset": preset, "a": default_name, "b": ref_name, "rel_l2": rel_l2(a, b),
+                                  "max_abs_diff": float((a - b).abs().max())})
+    result = {"config": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.items()}, "steps": steps,
+                         "batch": args.batch, "model_batch": bench_model.model_batch, "dtype": args.dtype,
+                         "device": str(device), "guidance": GUIDANCE, "warmup_schedules": warmup,
+                         "presets": list(args.presets), "seed": args.seed, "repeats": repeats,
+                         "interleaved": interleave,
+                         "timing": "speedup = ratio of schedule totals; per step: minimum over the repeats "
+                                   "(round-robin over the runs; interleaved: "
+                                   "one step of each run in turn, each run on its own model copy); total = sum of "
+                                   "those; CUDA: synchronised around every step",
+                         "bookkeeping_timing": "separate instrumented pass" if instrumented_pass else "main pass"},
+              "runs": runs, "backend_diffs": backend_diffs}
+    if cpu_usage is not None:
+        result["cpu_usage"] = cpu_usage.finish()
+    result["warnings"] = findings(result)
+    if not cuda and not args.no_kernel_check:
+        log("checking the Triton kernels (interpreter) against the reference on a small sample ...")
+        result["kernel_check"] = kernel_check(seed=args.seed)
+    return result
