@@ -10,9 +10,11 @@ from sdtm_kernels.dit.config import make_config
 
 def test_defaults_are_the_released_settings():
     cfg = sk.SDTMConfig()
-    assert (cfg.ratio, cfg.deviation, cfg.switch_step, cfg.protect_steps, cfg.mcw, cfg.a_s) == (0.3, 0.2, 20, 3, 0.1, 0.05)
+    # switch_step: the released step 20 of 50, as the fraction 0.4 so that it scales with the steps
+    assert (cfg.ratio, cfg.deviation, cfg.switch_step, cfg.protect_steps, cfg.mcw, cfg.a_s) == (0.3, 0.2, 0.4, 3, 0.1, 0.05)
     assert (cfg.window, cfg.merge_mode, cfg.random_dst, cfg.protect_layers) == ((2, 2), "mean", True, None)
-    assert cfg.switch_index(50) == 20
+    assert cfg.switch_index(50) == 20 and cfg.switch_index(20) == 8
+    assert cfg == make_config() == make_config("released")
 
 
 def test_presets():
@@ -22,6 +24,7 @@ def test_presets():
     fast = make_config("fast")
     assert fast.ratio == 0.6 and fast.ratio + fast.deviation < 1
     assert make_config("fast", mcw=0.5).mcw == 0.5  # a non-default option overrides the preset
+    assert make_config("fast", ratio=0.3).ratio == 0.3  # so does one equal to the default
     assert set(sk.PRESETS) >= {"released", "fast"}
     with pytest.raises(ValueError, match="preset"):
         make_config("turbo")
@@ -56,6 +59,14 @@ def test_switch_step_int_or_fraction():
     assert sk.SDTMConfig(switch_step=1.0).switch_index(10) == 10
     assert sk.SDTMConfig(switch_step=7).switch_index(10) == 7
     assert sk.SDTMConfig(protect_steps=0).protect_steps is None
+
+
+def test_ratio_zero_turns_merging_off():
+    cfg = sk.SDTMConfig(ratio=0)  # the default deviation 0.2 is ignored, not rejected
+    assert (cfg.ratio, cfg.deviation) == (0.0, 0.0)
+    assert make_config("fast", ratio=0.0, deviation=0.1).deviation == 0.0
+    with pytest.raises(ValueError, match="deviation"):
+        sk.SDTMConfig(ratio=0, deviation=-0.1)
 
 
 def test_lazy_exports_do_not_import_diffusers():

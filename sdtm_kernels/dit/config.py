@@ -19,8 +19,10 @@ class SDTMConfig:
     ratio, deviation     fraction of image tokens removed follows
                          ``(ratio - deviation) + 2 * deviation * cos(progress * pi / 2)``;
                          ``ratio - deviation >= 0`` and ``ratio + deviation < 1``.
+                         ``ratio=0`` turns merging off: ``deviation`` is then ignored (set to 0).
     switch_step          last step of the structure stage (SSM): an int step index, or a
-                         float fraction of the steps in [0, 1] (``0.4`` of 50 steps = step 20).
+                         float fraction of the steps in [0, 1] (``0.4`` of 50 steps = step 20;
+                         the default, the released step 20 of 50 scaled to any step count).
     protect_steps        steps ``s % protect_steps == 0`` run exactly and refresh the cache
                          (None or 0: no protected steps, no cache).
     protect_layers       layers ``l % protect_layers == 0`` and the last layer never merge
@@ -46,7 +48,7 @@ class SDTMConfig:
 
     ratio: float = 0.3
     deviation: float = 0.2
-    switch_step: Union[int, float] = 20
+    switch_step: Union[int, float] = 0.4
     protect_steps: Optional[int] = 3
     protect_layers: Optional[int] = None
     mcw: float = 0.1
@@ -64,7 +66,10 @@ class SDTMConfig:
     a_p: Union[float, Tuple[float, float]] = 1.0
 
     def __post_init__(self):
-        ratio, deviation = check_ratio_deviation(self.ratio, self.deviation)
+        ratio, deviation = check_float("ratio", self.ratio), check_float("deviation", self.deviation)
+        if ratio == 0.0 and deviation >= 0.0:
+            deviation = 0.0  # ratio 0: merging off, whatever the deviation
+        ratio, deviation = check_ratio_deviation(ratio, deviation)
         switch = self.switch_step
         if isinstance(switch, bool) or not isinstance(switch, numbers.Real):
             raise TypeError(f"switch_step must be an int step or a float fraction, got {type(switch).__name__}")
@@ -127,30 +132,32 @@ class SDTMConfig:
 
 
 # Named presets. "released" is the released sample scripts' setting (switch at step 20 of 50,
-# stored as the fraction 0.4 so that it scales with the step count); "fast" removes twice as many.
+# stored as the fraction 0.4 so that it scales with the step count) and equals the defaults of
+# SDTMConfig and apply_sdtm; "fast" removes twice as many.
 PRESETS = {
     "released": dict(ratio=0.3, deviation=0.2, switch_step=0.4, protect_steps=3, mcw=0.1),
     "fast": dict(ratio=0.6, deviation=0.2, switch_step=0.4, protect_steps=3, mcw=0.1),
 }
+DEFAULT_PRESET = "released"
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(SDTMConfig)}
+OPTION_NAMES = tuple(_DEFAULTS)
 
 
 def make_config(preset=None, **options) -> SDTMConfig:
-    """Config from a preset name (or None) and options. An option left at its default value
-    takes the preset's value; any other value overrides the preset."""
-    values = dict(_DEFAULTS)
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ValueError(f"preset must be one of {sorted(PRESETS)} or None, got {preset!r}")
-        values.update(PRESETS[preset])
+    """Config from a preset name (None: ``"released"``, the defaults) and options. Every option
+    passed wins over the preset, also one equal to the default (``make_config("fast", ratio=0.3)``
+    has ratio 0.3); options not passed take the preset's value."""
+    if preset is None:
+        preset = DEFAULT_PRESET
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)} or None, got {preset!r}")
     unknown = set(options) - set(_DEFAULTS)
     if unknown:
         raise TypeError(f"unknown SDTM option(s): {sorted(unknown)}")
-    for name, value in options.items():
-        default = _DEFAULTS[name]
-        if preset is None or type(value) is not type(default) or value != default:
-            values[name] = value
+    values = dict(_DEFAULTS)
+    values.update(PRESETS[preset])
+    values.update(options)
     if isinstance(values["window"], list):
         values["window"] = tuple(values["window"])
     return SDTMConfig(**values)

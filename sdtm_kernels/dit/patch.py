@@ -5,17 +5,27 @@ of its class whose ``forward`` is the SDTM forward of that model family; the ori
 is remembered and restored by ``remove_sdtm``. The transformer gets a forward pre-hook that
 reads the timestep and the token grid of each call (``SDTMState.begin_call``) and a forward
 hook that closes the call. A patched pipeline's class is swapped too, so that every
-``pipe(...)`` call starts a new generation with the call's ``num_inference_steps`` (bound by
-``inspect.signature``, positional or keyword; ``len(timesteps)`` / ``len(sigmas)`` when
-custom schedules are passed). Applying twice reconfigures; removing twice does nothing.
+``pipe(...)`` call starts a new generation and counts its steps in scheduler steps: for the
+duration of the call the pipeline's ``scheduler.step`` is wrapped by a counter
+(``_SchedulerSteps``) and the step count is the number of scheduler steps the pipeline really
+runs (``pipe._num_timesteps``, else ``len(scheduler.timesteps) - scheduler.begin_index``,
+divided by ``scheduler.order``), read at the first transformer call; before that the call's
+``num_inference_steps`` (bound by ``inspect.signature``; ``len(timesteps)`` /
+``len(sigmas)`` when custom schedules are passed) stands in. Applying twice reconfigures
+(only the options passed change); removing twice does nothing. The generated classes pickle
+as their original classes and are re-created on load, so a patched model or pipeline survives
+``pickle`` / ``torch.save`` / ``copy.deepcopy`` (the settings travel, the generation state
+does not).
 """
+import copyreg
 import functools
 import inspect
+import pickle
 import warnings
 
 import torch
 
-from .config import make_config
+from .config import DEFAULT_PRESET, OPTION_NAMES, make_config
 from .state import SDTMState
 
 _SUBCLASSES = {}
@@ -81,11 +91,34 @@ _FAMILIES = (
 
 
 def make_sdtm_subclass(cls, forward):
-    """``cls`` with ``forward`` replaced (cached, so re-patching reuses the class)."""
+    """``cls`` with ``forward`` replaced (cached, so re-patching reuses the class). Instances
+    pickle by reference to ``cls`` and ``forward`` (both must be importable)."""
     key = (cls, forward)
     if key not in _SUBCLASSES:
-        _SUBCLASSES[key] = type(f"SDTM{cls.__name__}", (cls,), {"forward": forward, "_sdtm_original_class": cls})
+        _SUBCLASSES[key] = type(f"SDTM{cls.__name__}", (cls,), {
+            "forward": forward, "_sdtm_original_class": cls, "__reduce_ex__": _reduce_patched_block})
     return _SUBCLASSES[key]
+
+
+def _reduce_generated(obj, protocol, rebuild, args):
+    """``object.__reduce_ex__`` with the generated class replaced by ``rebuild(*args)``."""
+    reduced = object.__reduce_ex__(obj, max(protocol, 2))
+    if reduced[0] is not copyreg.__newobj__ or reduced[1][0] is not type(obj):
+        raise pickle.PicklingError(
+            f"SDTM cannot pickle this patched {type(obj)._sdtm_original_class.__name__}: call "
+            "sdtm_kernels.dit.remove_sdtm(...) before pickling and apply_sdtm(...) again after loading")
+    return (rebuild, tuple(args) + tuple(reduced[1][1:])) + tuple(reduced[2:])
+
+
+def _reduce_patched_block(self, protocol):
+    cls = type(self)
+    return _reduce_generated(self, protocol, _new_patched_block, (cls._sdtm_original_class, cls.forward))
+
+
+def _new_patched_block(original, forward, *args):
+    """Unpickling: a new instance of the SDTM subclass of ``original`` (state set by pickle)."""
+    cls = make_sdtm_subclass(original, forward)
+    return cls.__new__(cls, *args)
 
 
 # -- the transformer call ----------------------------------------------------------------------
@@ -101,7 +134,8 @@ def _token_grid(model, arguments):
     if img_ids is not None:  # Flux: ids[:, 1] = row, ids[:, 2] = column (raster order)
         ids = img_ids[0] if img_ids.dim() == 3 else img_ids
         key = (ids.data_ptr(), tuple(ids.shape), ids.device, getattr(ids, "_version", 0))
-        cached = getattr(model, "_sdtm_grid_cache", None)
+        state = model._sdtm_state
+        cached = state.grid_cache
         if cached is not None and cached[0] == key:
             return cached[1]
         rows, cols = ids[:, 1].long(), ids[:, 2].long()
@@ -111,7 +145,7 @@ def _token_grid(model, arguments):
         expected = torch.arange(ids.shape[0], device=ids.device)
         if height * width != ids.shape[0] or not torch.equal(rows * width + cols, expected):
             grid = None  # not one raster grid (e.g. extra reference-image tokens): run exactly
-        model._sdtm_grid_cache = (key, grid)
+        state.grid_cache = (key, grid)
         return grid
     hidden_states = arguments.get("hidden_states")
     patch = getattr(getattr(model, "config", None), "patch_size", None)
@@ -141,23 +175,92 @@ def _post_hook(model, args, kwargs, output):
 
 
 # -- pipelines ---------------------------------------------------------------------------------
+class _SchedulerSteps:
+    """Counts ``scheduler.step`` calls during one pipeline call (the step rule of a patched
+    pipeline, see ``SDTMState``): installed as an instance attribute over the scheduler's
+    ``step`` and removed when the call ends."""
+
+    def __init__(self, pipe, scheduler):
+        self.pipe = pipe
+        self.scheduler = scheduler
+        self.evals = 0
+        order = getattr(scheduler, "order", 1)
+        self.order = order if isinstance(order, int) and not isinstance(order, bool) and order >= 1 else 1
+        self._saved = scheduler.__dict__.get("step", _MISSING)
+        original = scheduler.step
+
+        @functools.wraps(original)
+        def step(*args, **kwargs):
+            self.evals += 1
+            return original(*args, **kwargs)
+
+        scheduler.step = step
+        self._num_timesteps = vars(pipe).get("_num_timesteps", _MISSING)
+        if self._num_timesteps is not _MISSING:  # set again by the pipeline before its loop
+            pipe._num_timesteps = None
+
+    @classmethod
+    def attach(cls, pipe):
+        scheduler = getattr(pipe, "scheduler", None)
+        if scheduler is None or not callable(getattr(scheduler, "step", None)):
+            return None
+        return cls(pipe, scheduler)
+
+    def detach(self):
+        if self._saved is _MISSING:
+            self.scheduler.__dict__.pop("step", None)
+        else:
+            self.scheduler.step = self._saved
+        if self._num_timesteps is not _MISSING and vars(self.pipe).get("_num_timesteps") is None:
+            self.pipe._num_timesteps = self._num_timesteps  # the pipeline did not set it this time
+
+    def num_steps(self):
+        """Scheduler steps the pipeline runs (None when unknown): the timesteps of its loop
+        (``pipe._num_timesteps``, else the scheduler's timesteps from its begin index) over
+        the scheduler's order."""
+        evals = vars(self.pipe).get("_num_timesteps")
+        if not isinstance(evals, int) or evals <= 0:
+            timesteps = getattr(self.scheduler, "timesteps", None)
+            try:
+                evals = len(timesteps)
+            except TypeError:
+                return None
+            begin = getattr(self.scheduler, "begin_index", None)
+            if isinstance(begin, int):
+                evals -= begin
+        if evals <= 0:
+            return None
+        return -(-evals // self.order)
+
+
+_MISSING = object()
+
+
 def _pipeline_call(self, *args, **kwargs):
     original = type(self)._sdtm_original_class
     transformer = self.transformer
     state = getattr(transformer, "_sdtm_state", None)
-    if state is not None:
-        arguments = inspect.signature(original.__call__).bind(self, *args, **kwargs)
-        arguments.apply_defaults()
-        values = arguments.arguments
-        num_steps = None
-        for name in ("timesteps", "sigmas"):
-            if values.get(name) is not None:
-                num_steps = len(values[name])
-                break
-        if num_steps is None:
-            num_steps = values.get("num_inference_steps")
-        state.reset(num_steps=num_steps if num_steps is not None else state.num_steps)
-    return original.__call__(self, *args, **kwargs)
+    if state is None:
+        return original.__call__(self, *args, **kwargs)
+    arguments = inspect.signature(original.__call__).bind(self, *args, **kwargs)
+    arguments.apply_defaults()
+    values = arguments.arguments
+    num_steps = None
+    for name in ("timesteps", "sigmas"):
+        if values.get(name) is not None:
+            num_steps = len(values[name])
+            break
+    if num_steps is None:
+        num_steps = values.get("num_inference_steps")
+    state.reset(num_steps=num_steps if num_steps is not None else state.num_steps)
+    driver = _SchedulerSteps.attach(self)
+    previous, state.driver = state.driver, driver
+    try:
+        return original.__call__(self, *args, **kwargs)
+    finally:
+        state.driver = previous
+        if driver is not None:
+            driver.detach()
 
 
 def _pipeline_subclass(cls):
@@ -166,8 +269,18 @@ def _pipeline_subclass(cls):
             return _pipeline_call(self, *args, **kwargs)
 
         call = functools.wraps(cls.__call__)(call)
-        _PIPELINE_SUBCLASSES[cls] = type(cls.__name__, (cls,), {"__call__": call, "_sdtm_original_class": cls})
+        _PIPELINE_SUBCLASSES[cls] = type(cls.__name__, (cls,), {
+            "__call__": call, "_sdtm_original_class": cls, "__reduce_ex__": _reduce_patched_pipeline})
     return _PIPELINE_SUBCLASSES[cls]
+
+
+def _reduce_patched_pipeline(self, protocol):
+    return _reduce_generated(self, protocol, _new_patched_pipeline, (type(self)._sdtm_original_class,))
+
+
+def _new_patched_pipeline(original, *args):
+    cls = _pipeline_subclass(original)
+    return cls.__new__(cls, *args)
 
 
 # -- public ------------------------------------------------------------------------------------
@@ -183,30 +296,57 @@ def _split(pipe_or_model):
     )
 
 
-def apply_sdtm(pipe_or_model, *, preset=None, ratio=0.3, deviation=0.2, switch_step=20, protect_steps=3,
-               protect_layers=None, mcw=0.1, a_s=0.05, merge_mode="mean", random_dst=True, seed=None,
-               num_steps=None, backend=None, merge_cross_attention=False, window=(2, 2), idm_score="similarity",
-               a_d=0.05, prompt_reweight=False, a_p=1.0):
+class _Unset:
+    """Default of ``apply_sdtm``'s options: tells "not passed" from any value."""
+
+    def __repr__(self):
+        return "<unset>"
+
+
+_UNSET = _Unset()
+
+
+def apply_sdtm(pipe_or_model, *, preset=_UNSET, ratio=_UNSET, deviation=_UNSET, switch_step=_UNSET,
+               protect_steps=_UNSET, protect_layers=_UNSET, mcw=_UNSET, a_s=_UNSET, merge_mode=_UNSET,
+               random_dst=_UNSET, seed=_UNSET, num_steps=_UNSET, backend=_UNSET, merge_cross_attention=_UNSET,
+               window=_UNSET, idm_score=_UNSET, a_d=_UNSET, prompt_reweight=_UNSET, a_p=_UNSET):
     """Patch a diffusers pipeline (anything with ``.transformer``) or transformer with SDTM.
 
     Supported blocks: ``BasicTransformerBlock`` (ada_norm_zero: DiT; ada_norm_single: PixArt),
     ``JointTransformerBlock`` (SD3, SD3.5 incl. dual attention), ``FluxTransformerBlock`` and
-    ``FluxSingleTransformerBlock``. ``preset`` names an entry of ``PRESETS``; an option left at
-    its default takes the preset's value. ``idm_score="attention"`` (IDM candidates ranked by the
+    ``FluxSingleTransformerBlock``.
+
+    Settings: ``preset`` names an entry of ``PRESETS``; without one the first ``apply_sdtm``
+    uses ``"released"`` (the defaults: ``apply_sdtm(pipe) == apply_sdtm(pipe, preset="released")``).
+    Every option passed wins over the preset. Applying again to a patched model keeps the
+    earlier settings and changes only the options passed (passing ``preset=`` again starts over
+    from that preset). ``ratio=0`` turns merging off (``deviation`` ignored). The options and
+    their defaults: ``SDTMConfig``. ``idm_score="attention"`` (IDM candidates ranked by the
     attention they receive from the prompt, plus ``a_d`` times the frequency term) and
     ``prompt_reweight`` (``+log(size)`` on merged image keys, ``+log(a_p)`` on prompt keys) are
     the paper's options; they need joint attention (SD3, Flux) and raise ``ValueError`` for
-    other models. ``num_steps`` is read from each pipeline call;
-    for a bare transformer it is required. Returns the pipeline or model. Applying again
-    reconfigures (and resets) the state; ``remove_sdtm`` undoes everything.
+    other models.
+
+    Steps: a patched pipeline counts the scheduler steps each call really runs (img2img /
+    inpainting ``strength``, Heun-type schedulers: one step per scheduler step); a bare
+    transformer needs ``num_steps`` and counts a step per new timestep. Returns the pipeline
+    or model. Applying again resets the state; ``remove_sdtm`` undoes everything.
     """
-    config = make_config(preset, ratio=ratio, deviation=deviation, switch_step=switch_step,
-                         protect_steps=protect_steps, protect_layers=protect_layers, mcw=mcw, a_s=a_s,
-                         merge_mode=merge_mode, random_dst=random_dst, seed=seed, num_steps=num_steps,
-                         backend=backend, merge_cross_attention=merge_cross_attention, window=window,
-                         idm_score=idm_score, a_d=a_d, prompt_reweight=prompt_reweight, a_p=a_p)
+    given = dict(ratio=ratio, deviation=deviation, switch_step=switch_step, protect_steps=protect_steps,
+                 protect_layers=protect_layers, mcw=mcw, a_s=a_s, merge_mode=merge_mode, random_dst=random_dst,
+                 seed=seed, num_steps=num_steps, backend=backend, merge_cross_attention=merge_cross_attention,
+                 window=window, idm_score=idm_score, a_d=a_d, prompt_reweight=prompt_reweight, a_p=a_p)
+    assert set(given) == set(OPTION_NAMES)
+    explicit = {name: value for name, value in given.items() if value is not _UNSET}
     pipe, model = _split(pipe_or_model)
-    if pipe is None and config.num_steps is None:
+    state = getattr(model, "_sdtm_state", None)
+    previous = getattr(state, "request", None)
+    if preset is not _UNSET or previous is None:
+        request = (DEFAULT_PRESET if preset is _UNSET or preset is None else preset, explicit)
+    else:
+        request = (previous[0], {**previous[1], **explicit})
+    config = make_config(request[0], **request[1])
+    if pipe is None and config.num_steps is None and state is None:
         raise ValueError(
             "num_steps is required when a bare transformer is patched (a patched pipeline reads "
             "num_inference_steps from each call): apply_sdtm(transformer, num_steps=50, ...)"
@@ -219,7 +359,6 @@ def apply_sdtm(pipe_or_model, *, preset=None, ratio=0.3, deviation=0.2, switch_s
             "FluxSingleTransformerBlock); for your own DiT blocks use sdtm_kernels.dit.SDTMBlockWrapper"
         )
     _check_joint_attention(config, model, blocks)
-    state = getattr(model, "_sdtm_state", None)
     if state is None:
         state = SDTMState(config, num_layers=len(blocks))
         model._sdtm_state = state
@@ -231,6 +370,7 @@ def apply_sdtm(pipe_or_model, *, preset=None, ratio=0.3, deviation=0.2, switch_s
     else:
         state.config = config
         state.num_layers = len(blocks)
+    state.request = request
     state.num_steps = config.num_steps
     state.reset()
     for layer, (block, forward) in enumerate(blocks):

@@ -1,16 +1,31 @@
 """``SDTMState``: the per-model state shared by the patched blocks (SPEC 3.4, 3.5).
 
 Step rule. The wrapped transformer calls ``begin_call(timestep, grid)`` once per forward
-(diffusers models: a forward pre-hook; user models: by hand). A timestep value that differs
-from the previous call's is a new step; the same value again (a second call for CFG or a
-guidance pass) is the same step and gets its own ``call`` index, so every pass keeps its own
-cache and ``li``. The state starts a new generation (step 0, empty cache, fresh ``li`` and
-generator) when ``reset()`` is called (the patched pipeline does it at every ``__call__``),
-when a new timestep equals the first timestep of the current generation, and when the step
-count would pass ``num_steps``. Reading the timestep is one host read (a Python float) per
-transformer call, outside the blocks; nothing inside a block reads tensor values.
+(diffusers models: a forward pre-hook; user models: by hand). Two sources tell the steps:
+
+* Inside a patched pipeline call (``state.driver`` set): the steps are the scheduler's steps.
+  The driver counts the pipeline's ``scheduler.step`` calls (one per model evaluation), so the
+  call made after ``e`` of them belongs to step ``e // scheduler.order`` (Heun-type schedulers,
+  ``order = 2``: both evaluations of a step are one step, with call indices 0 and 1), and
+  ``num_steps`` is the number of scheduler steps the pipeline really runs, learned at the
+  generation's first call (``strength < 1`` img2img / inpainting: only the steps after
+  ``t_start``; step 0 is the first step that runs).
+* Otherwise (a bare transformer, or a pipeline whose timestep changes without a scheduler
+  step): a timestep value that differs from the previous call's is a new step; the same value
+  again (a second call for CFG or a guidance pass) is the same step with its own ``call``
+  index, so every pass keeps its own cache and ``li``.
+
+The state starts a new generation (step 0, empty cache, fresh ``li`` and generator) when
+``reset()`` is called (the patched pipeline does it at every ``__call__``), when a new
+timestep equals the first timestep of the current generation, when the timesteps turn back
+(they went down and now go up, or the reverse: a generation stopped early and restarted; a
+``RuntimeWarning`` is raised once) and when the step count would pass ``num_steps`` (also
+warned once, unless the timesteps turned back: a complete generation followed by a new one).
+Reading the timestep is one host read (a Python float) per transformer call, outside the
+blocks; nothing inside a block reads tensor values.
 """
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -40,6 +55,9 @@ class SDTMState:
         self.config = config
         self.num_layers = num_layers
         self.num_steps = num_steps if num_steps is not None else config.num_steps
+        self.request = None  # apply_sdtm: (preset, explicit options) this config was made from
+        self.driver = None  # patched pipeline call: counts the scheduler's steps (see the module doc)
+        self._warned = set()
         self.reset()
 
     # -- generations and steps -------------------------------------------------------------
@@ -59,28 +77,93 @@ class SDTMState:
         self.generator = None
         self.generations = getattr(self, "generations", -1) + 1
         self.stats = []
+        self.grid_cache = None  # patch.py: (key of the last Flux img_ids tensor, its grid)
+        self._direction = None  # +1 / -1: whether the timesteps of this generation go up or down
+        self._evals0 = 0  # driver: scheduler steps counted before this generation's first call
+        self._last_evals = None
+        self._driver_off = False
 
     def begin_call(self, timestep, grid, text_len: Optional[int] = None):
         """Register one transformer call at ``timestep`` (tensor or number) on token grid ``grid``."""
+        driven = self.driver is not None and not self._driver_off
+        if driven and self.step < 0:  # a pipeline's first call: the scheduler steps it will run
+            learned = self.driver.num_steps()
+            if learned:
+                self.num_steps = learned
         if self.num_steps is None:
             raise ValueError(
                 "num_steps is unknown: pass num_steps= to apply_sdtm when patching a bare transformer "
                 "(or call sdtm_kernels.dit.reset_sdtm(model, num_steps=...)), or patch the pipeline"
             )
         value = timestep_value(timestep)
-        if self.last_timestep is not None and value == self.last_timestep:
-            self.call += 1
+        if driven:
+            self._begin_scheduler_step(value, self.driver)
         else:
-            if self.step >= 0 and (value == self.first_timestep or self.step + 1 >= self.num_steps):
-                self.reset()
-            self.step += 1
-            self.call = 0
-            if self.step == 0:
-                self.first_timestep = value
+            self._begin_timestep(value)
         self.last_timestep = value
         self.grid = None if grid is None else (int(grid[0]), int(grid[1]))
         self.text_len = text_len
         self.active = True
+
+    def _begin_scheduler_step(self, value: float, driver):
+        """Step = scheduler steps done in this generation // scheduler order (pipeline calls)."""
+        evals = driver.evals
+        if self.step < 0:
+            self._evals0 = evals
+        step = (evals - self._evals0) // driver.order
+        if self.step >= 0 and step == self.step:
+            if value != self.last_timestep and evals == self._last_evals:
+                # the timestep moved but the scheduler did not step: this pipeline does not call
+                # scheduler.step once per evaluation, so count steps by timestep from here on
+                self._driver_off = True
+                self._begin_timestep(value)
+                return
+            self.call += 1
+        else:
+            if step >= self.num_steps:
+                self._warn_once("pipeline", f"SDTM: the pipeline ran scheduler step {step} but the scheduler "
+                                f"announced {self.num_steps} steps; the last steps reuse the final ratio")
+            self.step = step
+            self.call = 0
+            if self.first_timestep is None:
+                self.first_timestep = value
+        self._last_evals = evals
+
+    def _begin_timestep(self, value: float):
+        """Step = a change of the timestep value (bare transformers)."""
+        if self.last_timestep is not None and value == self.last_timestep:
+            self.call += 1
+            return
+        if self.step >= 0:
+            turned = self._direction is not None and (value - self.last_timestep) * self._direction < 0
+            if value == self.first_timestep:
+                self.reset()
+            elif self.step + 1 >= self.num_steps:
+                if not turned:
+                    self._warn_once("overrun", (
+                        f"SDTM: step {self.step + 1} (timestep {value:g}) is past num_steps={self.num_steps}; "
+                        "it was treated as the first step of a new generation (step counter, cache and li "
+                        "restarted). Call sdtm_kernels.dit.reset_sdtm(model, num_steps=...) before each "
+                        "generation with its real step count (or pass the right num_steps= to apply_sdtm)"))
+                self.reset()
+            elif turned:
+                self._warn_once("restart", (
+                    f"SDTM: timestep {value:g} after {self.last_timestep:g} at step {self.step} of "
+                    f"{self.num_steps}: the timesteps turned back, so a generation was restarted without "
+                    "reset_sdtm; SDTM started a new generation (step counter, cache and li restarted). "
+                    "Call sdtm_kernels.dit.reset_sdtm(model, num_steps=...) before each generation"))
+                self.reset()
+        if self.step == 0 and self.first_timestep is not None:
+            self._direction = 1.0 if value > self.first_timestep else -1.0
+        self.step += 1
+        self.call = 0
+        if self.step == 0:
+            self.first_timestep = value
+
+    def _warn_once(self, kind: str, message: str):
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     def end_call(self):
         self.active = False
@@ -98,6 +181,8 @@ class SDTMState:
 
     def n_remove(self, num_tokens: int) -> int:
         cfg = self.config
+        if cfg.ratio == 0.0:  # merging off
+            return 0
         step = min(self.step, self.num_steps - 1)
         rho = ratio_schedule(step, self.num_steps, cfg.ratio, cfg.deviation)
         return int(math.floor(num_tokens * rho))
@@ -143,6 +228,19 @@ class SDTMState:
 
     def set_cache(self, layer: int, name: str, value: torch.Tensor):
         self.cache[(self.call, layer, name)] = value.detach()
+
+    # -- pickling: the settings travel, the generation does not -------------------------------
+    def __getstate__(self):
+        return {"config": self.config, "num_layers": self.num_layers, "num_steps": self.num_steps,
+                "request": self.request, "keep_plans": self.keep_plans, "_warned": set(self._warned)}
+
+    def __setstate__(self, values):
+        keep_plans = values.pop("keep_plans", False)
+        self.__dict__.update(values)
+        if keep_plans != type(self).keep_plans:
+            self.keep_plans = keep_plans
+        self.driver = None
+        self.reset()
 
     # -- statistics ------------------------------------------------------------------------
     def steps_stats(self, key: str = "attn"):
