@@ -7,7 +7,10 @@ merge fidelity and plan/merge timing. It needs no GPU and no downloads.
 
 ``bench`` runs a whole denoising schedule of a DiT-sized transformer with random weights
 unpatched and with SDTM and reports speedups, FLOP-bound speedups, tokens per step and the
-bookkeeping share (``sdtm_kernels/bench.py``; ``python -m sdtm_kernels bench --help``).
+bookkeeping share (``sdtm_kernels/bench/``; ``python -m sdtm_kernels bench --help``).
+
+``gpu-check`` produces every GPU number the README needs in one run (``sdtm_kernels/gpu_check/``;
+``--dry-run``: the same steps at tiny sizes on CPU).
 """
 import argparse
 import json
@@ -17,7 +20,7 @@ import time
 
 import torch
 
-from . import bench, plan_idm, plan_ssm, ratio_schedule
+from . import bench, gpu_check, plan_idm, plan_ssm, ratio_schedule
 from .reference.schedule import tokens_requested
 
 
@@ -102,6 +105,9 @@ def build_parser():
     bench.add_arguments(sub.add_parser(
         "bench", help="unpatched vs SDTM over a whole schedule of a random DiT-sized transformer",
         description=bench.__doc__.splitlines()[0]))
+    gpu_check.add_arguments(sub.add_parser(
+        "gpu-check", help="every GPU number the README needs in one run (--dry-run: tiny sizes on CPU)",
+        description=gpu_check.__doc__.splitlines()[0]))
     return parser
 
 
@@ -116,6 +122,9 @@ def main(argv=None):
         bench.prepare_environment()  # TRITON_INTERPRET=1 without CUDA, before anything imports triton
         argv = sys.argv[1:] if argv is None else list(argv)
         return bench.run_args(args, argv[argv.index("bench") + 1:] if "bench" in argv else argv)
+    if args.command == "gpu-check":
+        argv = sys.argv[1:] if argv is None else list(argv)
+        return gpu_check.run_args(args, argv[argv.index("gpu-check") + 1:] if "gpu-check" in argv else argv)
     if args.command == "demo":
         height, width = args.grid
         print(f"SDTM demo: grid {height}x{width} (N={height * width}), C={args.channels}, B={args.batch}, "
