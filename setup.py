@@ -38,10 +38,15 @@ setup(
     install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'", "numpy"],
     extras_require={
         # diffusers (light: huggingface_hub, safetensors, Pillow, ...) for the DiT wrapper tests, which
-        # build tiny random models from configs; transformers is not needed for them.
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "diffusers>=0.30"],
+        # build tiny random models from configs; transformers, torchmetrics and matplotlib for the
+        # quality command's end-to-end test (tiny text encoders, PSNR/SSIM, the plot).
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "diffusers>=0.30", "transformers>=4.40",
+                 "torchmetrics>=1.4", "matplotlib"],
         "bench": ["pytest-benchmark>=4", "matplotlib"],
         "diffusers": ["diffusers>=0.30", "transformers", "accelerate"],
+        # python -m sdtm_kernels quality; no torchvision (LPIPS needs it, but PyPI's wheel can pull
+        # another torch build: install it yourself next to your torch to get LPIPS)
+        "quality": ["diffusers>=0.30", "transformers>=4.40", "torchmetrics>=1.4", "matplotlib"],
     },
     entry_points={"console_scripts": [
         "sdtm-kernels=sdtm_kernels.cli:main",

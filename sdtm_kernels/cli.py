@@ -11,6 +11,10 @@ bookkeeping share (``sdtm_kernels/bench/``; ``python -m sdtm_kernels bench --hel
 
 ``gpu-check`` produces every GPU number the README needs in one run (``sdtm_kernels/gpu_check/``;
 ``--dry-run``: the same steps at tiny sizes on CPU).
+
+``quality`` puts speed and fidelity side by side on a real diffusers pipeline: unpatched vs SDTM
+images from the same seeds, PSNR / SSIM / LPIPS / CLIP score, timings and FLOP-bound speedups
+(``sdtm_kernels/quality/``; ``python -m sdtm_kernels quality --help``).
 """
 import argparse
 import json
@@ -20,7 +24,7 @@ import time
 
 import torch
 
-from . import bench, gpu_check, plan_idm, plan_ssm, ratio_schedule
+from . import bench, gpu_check, plan_idm, plan_ssm, quality, ratio_schedule
 from .reference.schedule import tokens_requested
 
 
@@ -108,6 +112,9 @@ def build_parser():
     gpu_check.add_arguments(sub.add_parser(
         "gpu-check", help="every GPU number the README needs in one run (--dry-run: tiny sizes on CPU)",
         description=gpu_check.__doc__.splitlines()[0]))
+    quality.add_arguments(sub.add_parser(
+        "quality", help="speed and fidelity (PSNR, SSIM, LPIPS, CLIP) of SDTM settings on a real pipeline",
+        description=quality.__doc__.splitlines()[0]))
     return parser
 
 
@@ -125,6 +132,9 @@ def main(argv=None):
     if args.command == "gpu-check":
         argv = sys.argv[1:] if argv is None else list(argv)
         return gpu_check.run_args(args, argv[argv.index("gpu-check") + 1:] if "gpu-check" in argv else argv)
+    if args.command == "quality":
+        argv = sys.argv[1:] if argv is None else list(argv)
+        return quality.run_args(args, argv[argv.index("quality") + 1:] if "quality" in argv else argv)
     if args.command == "demo":
         height, width = args.grid
         print(f"SDTM demo: grid {height}x{width} (N={height * width}), C={args.channels}, B={args.batch}, "
