@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .scores import _interpreting
+from .scores import _interpreting, dot_operands_fp32
 
 
 @triton.jit
@@ -151,7 +151,7 @@ def attention_received(q: torch.Tensor, k: torch.Tensor, key_slice, scale=None) 
     if batch == 0 or end <= start:
         return out
     block_m, block_n, block_d, num_warps = attention_blocks(num_queries, num_keys, head_dim, interpret)
-    dot_fp32 = interpret or q.dtype not in (torch.float16, torch.bfloat16)
+    dot_fp32 = dot_operands_fp32(q.dtype, interpret)
     lse = torch.empty(batch, num_heads, num_queries, dtype=torch.float32, device=q.device)
     _row_lse_kernel[(triton.cdiv(num_queries, block_m), batch * num_heads)](
         lse, lse.stride(0), lse.stride(1), lse.stride(2),

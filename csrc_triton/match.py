@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .scores import _interpreting
+from .scores import _interpreting, dot_operands_fp32
 
 
 @triton.jit
@@ -30,6 +30,7 @@ def _bipartite_match_kernel(
     dst_ptr,  # integer [B, D]: dst token indices
     stride_db, stride_dj,  # strides of dst_idx
     num_cand, num_dst, channels,  # Na, D, C
+    num_tokens,  # N: an index outside [0, N) counts as a non-finite token (never read)
     DOT_FP32: tl.constexpr,  # upcast before tl.dot (fp32/fp64 inputs, or the interpreter)
     BLOCK_M: tl.constexpr,  # candidates per program
     BLOCK_N: tl.constexpr,  # dsts per tile
@@ -41,6 +42,7 @@ def _bipartite_match_kernel(
     i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     i_mask = i < num_cand
     cand = tl.load(cand_ptr + pid_b * stride_cb + i.to(tl.int64) * stride_ci, mask=i_mask, other=0).to(tl.int64)
+    cand_ok = i_mask & (cand >= 0) & (cand < num_tokens)
     a_row = x_ptr + pid_b * stride_xb + cand * stride_xn  # [BM]
     c_base = tl.arange(0, BLOCK_C)
     j_base = tl.arange(0, BLOCK_N)
@@ -51,6 +53,7 @@ def _bipartite_match_kernel(
         j = j0 + j_base
         j_mask = j < num_dst
         dst = tl.load(dst_ptr + pid_b * stride_db + j.to(tl.int64) * stride_dj, mask=j_mask, other=0).to(tl.int64)
+        dst_ok = j_mask & (dst >= 0) & (dst < num_tokens)
         b_row = x_ptr + pid_b * stride_xb + dst * stride_xn  # [BN]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         a_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -58,8 +61,8 @@ def _bipartite_match_kernel(
         for c0 in range(0, channels, BLOCK_C):
             c = (c0 + c_base).to(tl.int64)
             c_mask = c < channels
-            a = tl.load(a_row[:, None] + c[None, :] * stride_xc, mask=i_mask[:, None] & c_mask[None, :], other=0.0)
-            b = tl.load(b_row[:, None] + c[None, :] * stride_xc, mask=j_mask[:, None] & c_mask[None, :], other=0.0)
+            a = tl.load(a_row[:, None] + c[None, :] * stride_xc, mask=cand_ok[:, None] & c_mask[None, :], other=0.0)
+            b = tl.load(b_row[:, None] + c[None, :] * stride_xc, mask=dst_ok[:, None] & c_mask[None, :], other=0.0)
             a32 = a.to(tl.float32)
             b32 = b.to(tl.float32)
             a_sq += tl.sum(a32 * a32, axis=1)
@@ -68,10 +71,14 @@ def _bipartite_match_kernel(
                 acc = tl.dot(a32, tl.trans(b32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, tl.trans(b), acc)  # bf16/fp16 products are exact in fp32
-        inv_a = 1.0 / tl.maximum(tl.sqrt(a_sq), 1e-6)  # reference clamps norms to 1e-6
-        inv_b = 1.0 / tl.maximum(tl.sqrt(b_sq), 1e-6)
+        # Correctly rounded (plain sqrt and `/` are approximate on a GPU): these decide the match.
+        inv_a = tl.div_rn(1.0, tl.maximum(tl.sqrt_rn(a_sq), 1e-6))  # reference clamps norms to 1e-6
+        inv_b = tl.div_rn(1.0, tl.maximum(tl.sqrt_rn(b_sq), 1e-6))
         sim = acc * inv_a[:, None] * inv_b[None, :]
-        sim = tl.where(j_mask[None, :], sim, float("-inf"))
+        # Pairs with a non-finite token (squared norm inf or NaN; NaN < inf is False) score
+        # -inf, as in the reference: such tokens never win a match while a finite one exists.
+        pair_ok = (cand_ok & (a_sq < float("inf")))[:, None] & (dst_ok & (b_sq < float("inf")))[None, :]
+        sim = tl.where(pair_ok, sim, float("-inf"))
         tile_best = tl.max(sim, axis=1)
         # Lowest j among the tile's maxima; across tiles only a strictly greater value wins.
         tile_arg = tl.min(tl.where(sim == tile_best[:, None], j[None, :], 2147483647), axis=1)
@@ -108,7 +115,7 @@ def bipartite_match(metric: torch.Tensor, cand_idx: torch.Tensor, dst_idx: torch
     block_m, block_n, block_c, num_warps, num_stages = match_blocks(num_cand, num_dst, channels, interpret)
     # tl.dot takes fp16/bf16 (fp32 accumulator) or fp32 operands: fp64 metrics are upcast to
     # fp32 like in the interpreter (a float64 dot into the fp32 accumulator does not compile).
-    dot_fp32 = interpret or metric.dtype not in (torch.float16, torch.bfloat16)
+    dot_fp32 = dot_operands_fp32(metric.dtype, interpret)
     launch = (triton.cdiv(num_cand, block_m), batch)
     _bipartite_match_kernel[launch](
         best, best.stride(0), best.stride(1),
@@ -117,6 +124,7 @@ def bipartite_match(metric: torch.Tensor, cand_idx: torch.Tensor, dst_idx: torch
         cand_idx, cand_idx.stride(0), cand_idx.stride(1),
         dst_idx, dst_idx.stride(0), dst_idx.stride(1),
         num_cand, num_dst, channels,
+        metric.shape[1],
         DOT_FP32=dot_fp32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c,
         num_warps=num_warps, num_stages=num_stages,
     )

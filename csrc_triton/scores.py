@@ -29,8 +29,7 @@ def _window_scores_kernel(
     stride_xb, stride_xn, stride_xc,  # strides of x
     li_ptr,  # [B, N] integer frequency counter (dummy when HAS_LI is False)
     stride_lb, stride_ln,  # strides of li
-    li_mean_ptr,  # float32 [B]: mean of li over N
-    num_windows, grid_w, win_cols, channels,  # G, W (token grid width), gw (window grid width), C
+    num_tokens, num_windows, grid_w, win_cols, channels,  # N, G, W (token grid width), gw (window grid width), C
     a_s,  # weight of the frequency bonus
     WIN_H: tl.constexpr,  # window height wh
     WIN_W: tl.constexpr,  # window width ww
@@ -39,6 +38,7 @@ def _window_scores_kernel(
     BLOCK_G: tl.constexpr,  # windows per program
     BLOCK_K: tl.constexpr,  # next power of two >= K
     BLOCK_C: tl.constexpr,  # channels per step
+    BLOCK_N: tl.constexpr,  # li entries per step of the row mean
 ):
     pid_g = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -62,7 +62,9 @@ def _window_scores_kernel(
         v = tl.load(row_ptr[:, :, None] + c.to(tl.int64)[None, None, :] * stride_xc, mask=mask, other=0.0)
         v = v.to(tl.float32)
         sq += tl.sum(v * v, axis=2)
-    inv = 1.0 / tl.maximum(tl.sqrt(sq), 1e-6)  # reference clamps the norm to COSINE_EPS
+    # Correctly rounded sqrt / division: on a GPU plain `/` and tl.sqrt compile to approximate
+    # instructions, and these values decide the selection.
+    inv = tl.div_rn(1.0, tl.maximum(tl.sqrt_rn(sq), 1e-6))  # reference clamps the norm to COSINE_EPS
     inv = tl.where(valid, inv, 0.0)
 
     # Pass 2: ||sum_p unit_p||^2 = sum_{p,q} cos(t_p, t_q).
@@ -77,18 +79,40 @@ def _window_scores_kernel(
 
     if PAPER:
         diagonal = tl.sum(sq * inv * inv, axis=1)  # 1 per non-zero token, 0 for zero tokens
-        sim = (total - diagonal) / (K * (K - 1))
+        sim = tl.div_rn(total - diagonal, float(K * (K - 1)))
     else:
-        sim = total / (K * K)
+        sim = tl.div_rn(total, float(K * K))
 
     if HAS_LI:
         li = tl.load(li_ptr + pid_b * stride_lb + token * stride_ln, mask=valid, other=0).to(tl.float32)
-        mean = tl.load(li_mean_ptr + pid_b)
-        prio = li / (mean + 1e-6)
-        sim = sim + a_s * (tl.sum(prio, axis=1) / K)
+        # The row mean of li, in every program: O(N) cached loads instead of two more launches.
+        li_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+        n_base = tl.arange(0, BLOCK_N)
+        for n0 in range(0, num_tokens, BLOCK_N):
+            n_idx = n0 + n_base
+            li_sum += tl.load(li_ptr + pid_b * stride_lb + n_idx.to(tl.int64) * stride_ln, mask=n_idx < num_tokens,
+                              other=0).to(tl.float32)
+        mean = tl.div_rn(tl.sum(li_sum, axis=0), num_tokens.to(tl.float32))
+        prio = tl.div_rn(li, mean + 1e-6)
+        sim = sim + a_s * tl.div_rn(tl.sum(prio, axis=1), float(K))
+
+    # A window holding a non-finite token (NaN / inf channel, or a squared norm past the fp32
+    # range: sq is then inf or NaN, and NaN < inf is False) scores -inf, as in the reference.
+    window_finite = tl.sum((sq < float("inf")).to(tl.int32), axis=1) == BLOCK_K
+    sim = tl.where(window_finite, sim, float("-inf"))
 
     gmask = g < num_windows
     tl.store(out_ptr + pid_b * stride_ob + g.to(tl.int64) * stride_og, sim, mask=gmask)
+
+
+def dot_operands_fp32(dtype: torch.dtype, interpret: bool) -> bool:
+    """Whether ``tl.dot`` gets fp32 operands (``DOT_FP32``). On a GPU fp16/bf16 inputs go to the
+    tensor cores as they are (products are exact in the fp32 accumulator). The interpreter
+    upcasts them, unless ``SDTM_INTERPRET_HALF_DOT=1``: tests set it to execute the
+    half-precision branch that GPUs run."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return True
+    return interpret and os.environ.get("SDTM_INTERPRET_HALF_DOT", "0") != "1"
 
 
 def _interpreting(t: torch.Tensor) -> bool:
@@ -107,7 +131,8 @@ def window_score_blocks(num_windows: int, window_size: int, channels: int, inter
     [16, K, 64] elements in registers); big tiles in the interpreter (fewer Python steps)."""
     block_k = triton.next_power_of_2(window_size)
     if interpret:
-        return min(64, triton.next_power_of_2(num_windows)), block_k, min(128, triton.next_power_of_2(channels)), 1
+        return (min(64, triton.next_power_of_2(num_windows)), block_k,
+                min(128, max(16, triton.next_power_of_2(channels))), 1)  # >= 16: C may be 0
     block_c = min(128, max(16, triton.next_power_of_2(channels)))
     block_g = max(1, min(16, 1024 // (block_k * block_c) * 4))
     return block_g, block_k, block_c, 4
@@ -128,10 +153,8 @@ def window_scores(metric: torch.Tensor, grid, window, li=None, a_s: float = 0.0,
         return out
     has_li = li is not None
     if has_li:
-        li_mean = li.to(torch.float32).mean(dim=1)  # tiny reduction, no host sync
         li_arg, stride_lb, stride_ln = li, li.stride(0), li.stride(1)
     else:
-        li_mean = out  # never read
         li_arg, stride_lb, stride_ln = out, 0, 0
     block_g, block_k, block_c, num_warps = window_score_blocks(num_windows, win_h * win_w, channels, interpret)
     launch = (triton.cdiv(num_windows, block_g), batch)
@@ -139,11 +162,11 @@ def window_scores(metric: torch.Tensor, grid, window, li=None, a_s: float = 0.0,
         out, out.stride(0), out.stride(1),
         metric, metric.stride(0), metric.stride(1), metric.stride(2),
         li_arg, stride_lb, stride_ln,
-        li_mean,
-        num_windows, width, win_cols, channels,
+        num_tokens, num_windows, width, win_cols, channels,
         float(a_s),
         WIN_H=win_h, WIN_W=win_w, HAS_LI=has_li, PAPER=bool(paper),
         BLOCK_G=block_g, BLOCK_K=block_k, BLOCK_C=block_c,
+        BLOCK_N=min(1024, triton.next_power_of_2(max(num_tokens, 1))),
         num_warps=num_warps,
     )
     return out

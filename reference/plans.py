@@ -78,6 +78,15 @@ def draw_positions(shape, window_size: int, random_dst: bool, generator: Optiona
     return positions.to(device)
 
 
+def candidate_rank_score(best: torch.Tensor, token_score: torch.Tensor, cand_token: torch.Tensor) -> torch.Tensor:
+    """float32 ``[B, Na]`` ranking score of the candidates from a per-token score ``[B, N]``:
+    ``-inf`` where the candidate has no finite match (a non-finite metric token, or only
+    non-finite dsts) or its score is NaN, so such candidates rank last, as with ``best``."""
+    score = token_score.to(torch.float32).gather(1, cand_token.long())
+    keep = (best > float("-inf")) & ~torch.isnan(score)
+    return torch.where(keep, score, float("-inf"))
+
+
 def top_k_lowest_index_first(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` largest scores per row, ties to the lower index (stable sort)."""
     return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
@@ -127,7 +136,7 @@ def _bipartite_plan(metric, window_tokens, dst_pos, num_merged, token_score=None
     cand_token = torch.argsort(is_dst.to(torch.int8), dim=1, stable=True)[:, : num_tokens - num_windows]
 
     best, match = bipartite_match(metric, cand_token, dst_token)
-    rank_score = best if token_score is None else token_score.to(torch.float32).gather(1, cand_token)
+    rank_score = best if token_score is None else candidate_rank_score(best, token_score, cand_token)
     chosen = top_k_lowest_index_first(rank_score, num_merged)  # candidate positions
     merged_token = cand_token.gather(1, chosen)
     merged_into = dst_token.gather(1, match.long().gather(1, chosen))

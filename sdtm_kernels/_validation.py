@@ -1,10 +1,81 @@
-"""Argument checks shared by the public API. Each error names the offending argument."""
+"""Argument checks shared by the public API. Each error names the offending argument.
+
+Two kinds of checks:
+
+* argument checks (types, ranks, shapes, dtypes, devices, Python numbers): always, they read
+  no tensor values;
+* value checks (index ranges of plan tensors): they read tensor values, which on a GPU is a
+  host synchronisation. They run on CPU tensors outside ``torch.compile``, and on other
+  devices only in debug mode (``set_debug(True)`` or the environment variable
+  ``SDTM_DEBUG=1``). The kernels never read out of bounds whatever the values, so skipping
+  a value check never crashes; it only leaves a bad index's result to the documented
+  defined fallback (see ``docs/SEMANTICS.md``, "Index contract").
+"""
 import math
 import numbers
+import os
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+_DEBUG = None  # None: follow the SDTM_DEBUG environment variable
+
+
+def set_debug(enabled) -> None:
+    """Turn the debug value checks on or off for every device (``None``: follow ``SDTM_DEBUG``).
+
+    With debug on, the index values of plan tensors are checked on GPUs too (a host
+    synchronisation per call: not for production, and not inside CUDA-graph capture)."""
+    global _DEBUG
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool or None, got {type(enabled).__name__}")
+    _DEBUG = enabled
+
+
+def debug_enabled() -> bool:
+    """``set_debug``'s value, else ``SDTM_DEBUG`` (``1``/``true``/``yes``/``on``)."""
+    if _DEBUG is not None:
+        return _DEBUG
+    return os.environ.get("SDTM_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def values_checked(tensor) -> bool:
+    """Whether value checks run for tensors on ``tensor``'s device: CPU tensors always, others
+    in debug mode; never while ``torch.compile`` traces (the kernels stay in bounds)."""
+    if torch.compiler.is_compiling():
+        return False
+    return tensor.device.type == "cpu" or debug_enabled()
+
+
+def check_index_values(name, value, upper, what):
+    """Every entry of ``value`` in ``[0, upper)`` (reads values: call under ``values_checked``)."""
+    if value.numel() and bool(((value < 0) | (value >= upper)).any()):
+        low, high = int(value.min()), int(value.max())
+        raise ValueError(f"{name} has values outside [0, {what}={upper}) (min {low}, max {high})")
+
+
+def check_row_start_values(name, row_start, num_tokens):
+    """CSR offsets: ``row_start[:, 0] == 0``, ``row_start[:, -1] == num_tokens``, nondecreasing."""
+    if row_start.numel() == 0:
+        return
+    if bool((row_start[:, 0] != 0).any()) or bool((row_start[:, -1] != num_tokens).any()):
+        raise ValueError(f"{name} must start at 0 and end at N={num_tokens} in every batch row")
+    if bool((row_start[:, 1:] < row_start[:, :-1]).any()):
+        raise ValueError(f"{name} must be nondecreasing (CSR row offsets)")
+
+
+def check_choice(name, value, choices):
+    """``value`` if it is one of ``choices``, else a ValueError naming ``name``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
 
 
 def check_int(name, value, minimum=None):

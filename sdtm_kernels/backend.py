@@ -20,8 +20,12 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run this op here."""
 
 
+# Looked up once (a module search, not an import): asked on every op call.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def resolve_backend(backend, device, op: str) -> str:

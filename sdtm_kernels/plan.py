@@ -4,8 +4,9 @@ from typing import Optional
 
 import torch
 
-from . import ops
-from ._validation import FLOAT_DTYPES, check_float, check_int, check_same_device, check_tensor
+from .backend import resolve_backend
+from .ops import apply as plan_ops
+from ._validation import check_int, check_same_device, check_tensor, debug_enabled
 from .reference import merge as ref_merge
 
 MERGE_MODES = ("mean", "prune")
@@ -30,8 +31,9 @@ class MergePlan:
     Rows are ordered by their lowest member token, so singletons keep raster order.
     Construction checks shapes and dtypes always; it checks the contents (every token in
     exactly one non-empty row, counts summing to N, representatives inside their rows) when
-    ``validate=True``, or by default for CPU tensors outside ``torch.compile`` (on a GPU that
-    check would synchronise with the host: call ``plan.check()`` explicitly there).
+    ``validate=True``, or by default for CPU tensors outside ``torch.compile`` and, in debug
+    mode (``sdtm_kernels.ops.set_debug(True)`` / ``SDTM_DEBUG=1``), on every device (on a GPU
+    that check synchronises with the host: call ``plan.check()`` explicitly there otherwise).
     """
 
     row_of_token: torch.Tensor
@@ -43,10 +45,15 @@ class MergePlan:
     num_rows: int
     validate: InitVar[Optional[bool]] = None
 
+    # Set by the planners: the next frequency counter, ``update_li(li, li_mode)`` of the li the
+    # plan was built with (the Triton build writes it in the plan kernel). Not dataclass fields.
+    li_next = None
+    li_mode = None
+
     def __post_init__(self, validate):
         self._check_layout()
         if validate is None:
-            validate = self.row_of_token.device.type == "cpu" and not _is_compiling()
+            validate = (self.row_of_token.device.type == "cpu" or debug_enabled()) and not _is_compiling()
         if validate:
             self.check()
 
@@ -136,7 +143,9 @@ class MergePlan:
 
     def _check_length(self, name, value, length, symbol):
         # The ops check ranks, dtypes and batch; only the plan knows N and M.
-        if isinstance(value, torch.Tensor) and value.dim() == 3 and value.shape[1] != length:
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if value.dim() == 3 and value.shape[1] != length:
             raise ValueError(f"{name} must have shape [B, {symbol}={length}, C] for this plan, got {list(value.shape)}")
 
     # -- applying the plan ------------------------------------------------------------------
@@ -145,25 +154,33 @@ class MergePlan:
         ``prune``: each row is its representative token, ``x.gather(1, rep_token)``."""
         self._check_length("x", x, self.num_tokens, "N")
         if mode == "mean":
-            return ops.merge(x, self.row_of_token, self.members, self.row_start, self.num_rows, backend=backend)
+            backend = resolve_backend(backend, x.device, "merge")
+            return plan_ops.plan_merge(x, self.row_of_token, self.members, self.row_start, self.num_rows, backend)
         if mode == "prune":
-            return ops.prune(x, self.rep_token, backend=backend)
+            backend = resolve_backend(backend, x.device, "prune")
+            return plan_ops.plan_prune(x, self.rep_token, backend)
         raise ValueError(f"mode must be one of {MERGE_MODES}, got {mode!r}")
 
-    def unmerge(self, y, *, residual=None, gate=None, cache=None, mcw: float = 1.0, backend=None):
+    def unmerge(self, y, *, residual=None, gate=None, cache=None, mcw: float = 1.0, gate_first: bool = False,
+                backend=None):
         """``[B, M, C] -> [B, N, C]``: ``v = y.gather(1, row_of_token)``, then
         ``v = where(blend, mcw * v + (1 - mcw) * cache, v)`` when ``cache`` is given, and
-        ``out = residual + gate[:, None, :] * v`` for the terms given. Inputs are not modified."""
+        ``out = residual + gate[:, None, :] * v`` for the terms given. ``gate_first``: the gate
+        multiplies ``v`` before the blend (a cache of gated values, the release's rule). Inputs
+        are not modified. One fused kernel on the Triton backend."""
         self._check_length("y", y, self.num_rows, "M")
-        return ops.unmerge(
-            y, self.row_of_token, residual=residual, gate=gate, cache=cache, blend=self.blend, mcw=mcw,
-            backend=backend,
-        )
+        backend = resolve_backend(backend, y.device, "unmerge")
+        return plan_ops.plan_unmerge(y, self.row_of_token, residual, gate, cache, self.blend, mcw, bool(gate_first),
+                                     backend)
 
     def update_li(self, li: Optional[torch.Tensor] = None, mode: str = "mean") -> torch.Tensor:
         """New frequency counter (SPEC 3.4): ``li + 1``, reset to 0 on tokens computed
-        independently (singleton rows; in ``prune`` mode also every representative).
-        ``li=None`` means all zeros. Returns a new int32 ``[B, N]`` tensor."""
+        independently: tokens outside every merge group (not in ``blend``: a dst counts as
+        merged even when no candidate joined it, as in the release); in ``prune`` mode also
+        every representative.
+        ``li=None`` means all zeros. ``li`` must be the int32 counter this method returns
+        (a ``TypeError`` for any other dtype: a wider counter would be truncated, a narrower
+        one could wrap). Returns a new int32 ``[B, N]`` tensor."""
         if mode not in MERGE_MODES:
             raise ValueError(f"mode must be one of {MERGE_MODES}, got {mode!r}")
         if li is not None:
@@ -172,5 +189,8 @@ class MergePlan:
                 raise ValueError(f"li must have shape {list(self.row_of_token.shape)}, got {list(li.shape)}")
             if li.dtype.is_floating_point or li.dtype == torch.bool or li.is_complex():
                 raise TypeError(f"li must be an integer tensor, got {li.dtype}")
+            if li.dtype != torch.int32:
+                raise TypeError(f"li must be the int32 counter update_li returns, got {li.dtype} "
+                                "(convert it with li.to(torch.int32) if its values fit)")
             check_same_device("li", li, "the plan", self.row_of_token)
-        return ref_merge.update_li(li, self.row_of_token, self.row_start, self.rep_token, mode)
+        return ref_merge.update_li(li, self.row_of_token, self.rep_token, self.blend, mode)

@@ -4,10 +4,20 @@
 They validate arguments, pick the backend and wrap the plan tensors in a ``MergePlan``.
 Building a plan reads no tensor values on the host (no ``.item()``): plan sizes follow
 from the shapes and ``n_remove``, which are Python ints.
+
+Non-finite metrics (docs/SEMANTICS.md): a token with a NaN or an infinity in any channel is
+never preferred for merging. Its cosine with every token is treated as ``-inf``, so an SSM
+window that holds one scores ``-inf``, and in IDM / ToMe such a candidate's best similarity
+is ``-inf`` and such a dst is never a candidate's match unless every dst is (then the first
+dst). The merge counts are fixed by the shapes, so these tokens are merged only when there
+are not enough finite ones; both backends decide identically (inside the score and match
+kernels, no extra launch).
 """
 import torch
 
 from ._validation import (
+    check_bool,
+    check_choice,
     check_float,
     check_float_tokens,
     check_generator,
@@ -17,14 +27,17 @@ from ._validation import (
     check_ratio_deviation,
     check_same_device,
     check_tensor,
+    debug_enabled,
 )
 from .backend import resolve_backend
+from .ops import _plan_library as plan_lib
 from .ops import _score_library as lib
+from .ops._plan_library import triton_call
 from .plan import MergePlan
 from .reference import attention as ref_attention
+from .reference import merge as ref_merge
 from .reference import plans as ref_plans
 from .reference import schedule as ref_schedule
-from .reference.windows import window_token_index
 
 SCORE_VARIANTS = ("released", "paper")
 
@@ -45,24 +58,37 @@ def ratio_schedule(step: int, num_steps: int, ratio: float, deviation: float) ->
     return ref_schedule.ratio_schedule(step, num_steps, ratio, deviation)
 
 
-def _common_checks(metric, grid, n_remove, window, li=None, generator=None):
+def _common_checks(metric, grid, n_remove, window, li=None, generator=None, random_dst=False):
     check_float_tokens("metric", metric)
     grid, window = check_grid(grid, window, metric.shape[1])
     n_remove = check_int("n_remove", n_remove, minimum=0)
     check_li(li, metric)
     check_generator(generator)
+    check_bool("random_dst", random_dst)
     return grid, window, n_remove
 
 
-def _wrap(tensors: ref_plans.PlanTensors, num_tokens: int) -> MergePlan:
-    return MergePlan(
+LI_MODES = ("mean", "prune")
+
+
+def _check_built() -> bool:
+    """Content checks of a plan the package built: only in debug mode (the builders are tested;
+    checking every plan would make CPU timings mean something else than GPU timings)."""
+    return debug_enabled() and not torch.compiler.is_compiling()
+
+
+def _wrap(tensors: ref_plans.PlanTensors, num_tokens: int, li, li_mode) -> MergePlan:
+    plan = MergePlan(
         tensors.row_of_token, tensors.members, tensors.row_start, tensors.rep_token, tensors.blend,
-        num_tokens=num_tokens, num_rows=tensors.num_rows,
+        num_tokens=num_tokens, num_rows=tensors.num_rows, validate=_check_built(),
     )
+    plan.li_next = ref_merge.update_li(li, plan.row_of_token, plan.rep_token, plan.blend, li_mode)
+    plan.li_mode = li_mode
+    return plan
 
 
 def plan_ssm(metric, grid, n_remove, *, window=(2, 2), li=None, a_s=0.05, score="released",
-             random_dst=False, generator=None, backend=None) -> MergePlan:
+             random_dst=False, generator=None, backend=None, li_mode="mean") -> MergePlan:
     """Structure-stage plan (SSM, SPEC 3.2): collapse the best-scoring windows.
 
     Plain PyTorch meaning, per batch row::
@@ -75,20 +101,22 @@ def plan_ssm(metric, grid, n_remove, *, window=(2, 2), li=None, a_s=0.05, score=
     ``score="paper"`` uses the off-diagonal Gram mean. ``li`` is the ``[B, N]`` frequency
     counter (None: no bonus). ``random_dst`` draws each selected window's dst position
     (``randint(K, (B, R), generator=generator)``), which matters for ``prune`` and ``li``.
+    ``plan.li_next`` is the next counter, ``plan.update_li(li, li_mode)`` (built with the plan).
     """
-    grid, window, n_remove = _common_checks(metric, grid, n_remove, window, li, generator)
+    grid, window, n_remove = _common_checks(metric, grid, n_remove, window, li, generator, random_dst)
     a_s = check_float("a_s", a_s)
     if score not in SCORE_VARIANTS:
         raise ValueError(f"score must be one of {SCORE_VARIANTS}, got {score!r}")
+    li_mode = check_choice("li_mode", li_mode, LI_MODES)
     if resolve_backend(backend, metric.device, "plan_ssm") == "triton":
-        return _ssm_triton(metric, grid, n_remove, window, li, a_s, score, bool(random_dst), generator)
+        return _ssm_triton(metric, grid, n_remove, window, li, a_s, score, random_dst, generator, li_mode)
     tensors = ref_plans.ssm_plan(metric, grid, n_remove, window=window, li=li, a_s=a_s, score=score,
-                                 random_dst=bool(random_dst), generator=generator)
-    return _wrap(tensors, metric.shape[1])
+                                 random_dst=random_dst, generator=generator)
+    return _wrap(tensors, metric.shape[1], li, li_mode)
 
 
 def plan_idm(metric, grid, n_remove, *, window=(2, 2), li=None, random_dst=False, generator=None,
-             backend=None) -> MergePlan:
+             backend=None, li_mode="mean") -> MergePlan:
     """Detail-stage plan (IDM, the released "FIDM", SPEC 3.3): bipartite merging.
 
     Plain PyTorch meaning, per batch row::
@@ -98,17 +126,20 @@ def plan_idm(metric, grid, n_remove, *, window=(2, 2), li=None, random_dst=False
         best, match = (normalize(metric[cand]) @ normalize(metric[dst]).T).max(-1)
         r = min(N - G, n_remove) // 16 * 16
         the r candidates with the largest best (ties: lower token) join their dst's row
+
+    ``plan.li_next`` is the next counter, ``plan.update_li(li, li_mode)`` (built with the plan).
     """
-    grid, window, n_remove = _common_checks(metric, grid, n_remove, window, li, generator)
+    grid, window, n_remove = _common_checks(metric, grid, n_remove, window, li, generator, random_dst)
+    li_mode = check_choice("li_mode", li_mode, LI_MODES)
     if resolve_backend(backend, metric.device, "plan_idm") == "triton":
-        return _idm_triton(metric, grid, n_remove, window, li, bool(random_dst), generator)
-    tensors = ref_plans.idm_plan(metric, grid, n_remove, window=window, li=li, random_dst=bool(random_dst),
+        return _idm_triton(metric, grid, n_remove, window, li, random_dst, generator, li_mode)
+    tensors = ref_plans.idm_plan(metric, grid, n_remove, window=window, li=li, random_dst=random_dst,
                                  generator=generator)
-    return _wrap(tensors, metric.shape[1])
+    return _wrap(tensors, metric.shape[1], li, li_mode)
 
 
 def plan_idm_attention(metric, grid, n_remove, received, *, a_d=0.05, window=(2, 2), li=None, random_dst=False,
-                       generator=None, backend=None) -> MergePlan:
+                       generator=None, backend=None, li_mode="mean") -> MergePlan:
     """The paper's inattentiveness-driven IDM (SPEC 7): ``plan_idm`` with the candidates ranked by
     ``P_x = P_ina + a_d * P_fre`` instead of their best similarity.
 
@@ -122,7 +153,7 @@ def plan_idm_attention(metric, grid, n_remove, received, *, a_d=0.05, window=(2,
         r = min(N - G, n_remove) // 16 * 16
         the r candidates with the largest P_x (ties: lower token) join their matched dst's row
     """
-    grid, window, n_remove = _common_checks(metric, grid, n_remove, window, li, generator)
+    grid, window, n_remove = _common_checks(metric, grid, n_remove, window, li, generator, random_dst)
     check_tensor("received", received, ndim=2)
     if not received.dtype.is_floating_point:
         raise TypeError(f"received must be a floating tensor, got {received.dtype}")
@@ -130,16 +161,17 @@ def plan_idm_attention(metric, grid, n_remove, received, *, a_d=0.05, window=(2,
         raise ValueError(f"received must have shape [B, N] = {tuple(metric.shape[:2])}, got {tuple(received.shape)}")
     check_same_device("received", received, "metric", metric)
     a_d = check_float("a_d", a_d)
+    li_mode = check_choice("li_mode", li_mode, LI_MODES)
     score = ref_attention.idm_attention_score(received, li, a_d)  # elementwise, no host sync
     if resolve_backend(backend, metric.device, "plan_idm") == "triton":
-        return _idm_triton(metric, grid, n_remove, window, li, bool(random_dst), generator, cand_score=score)
-    tensors = ref_plans.idm_plan(metric, grid, n_remove, window=window, li=li, random_dst=bool(random_dst),
+        return _idm_triton(metric, grid, n_remove, window, li, random_dst, generator, li_mode, cand_score=score)
+    tensors = ref_plans.idm_plan(metric, grid, n_remove, window=window, li=li, random_dst=random_dst,
                                  generator=generator, cand_score=score)
-    return _wrap(tensors, metric.shape[1])
+    return _wrap(tensors, metric.shape[1], li, li_mode)
 
 
 def plan_tome(metric, grid, n_remove, *, window=(2, 2), random_dst=True, generator=None,
-              backend=None) -> MergePlan:
+              backend=None, li_mode="mean") -> MergePlan:
     """ToMe baseline plan (tomesd style) for comparison.
 
     Like ``plan_idm`` but the dst position of each window is drawn once and shared by the
@@ -150,104 +182,95 @@ def plan_tome(metric, grid, n_remove, *, window=(2, 2), random_dst=True, generat
         best, match = (normalize(metric[cand]) @ normalize(metric[dst]).T).max(-1)
         the min(n_remove, N - G) candidates with the largest best (ties: lower token) join their dst
     """
-    grid, window, n_remove = _common_checks(metric, grid, n_remove, window, None, generator)
+    grid, window, n_remove = _common_checks(metric, grid, n_remove, window, None, generator, random_dst)
+    li_mode = check_choice("li_mode", li_mode, LI_MODES)
     if resolve_backend(backend, metric.device, "plan_tome") == "triton":
-        return _tome_triton(metric, grid, n_remove, window, bool(random_dst), generator)
-    tensors = ref_plans.tome_plan(metric, grid, n_remove, window=window, random_dst=bool(random_dst),
+        return _tome_triton(metric, grid, n_remove, window, random_dst, generator, li_mode)
+    tensors = ref_plans.tome_plan(metric, grid, n_remove, window=window, random_dst=random_dst,
                                   generator=generator)
-    return _wrap(tensors, metric.shape[1])
+    return _wrap(tensors, metric.shape[1], None, li_mode)
 
 
 # -- Triton path -------------------------------------------------------------------------------
-# Same decisions as reference/plans.py, with the sorts replaced: top-k by radix select
-# (ops.topk_rank), the candidate list and the plan tensors by prefix sums and scatters. The
-# random draws are the reference's, in the same shapes and order, so a seeded generator gives
-# the same plan on both backends. Nothing reads tensor values on the host.
+# Same decisions as reference/plans.py in a few fused launches: window scores (li mean inside),
+# top-k by radix select (topk_rank), then one kernel that writes every plan tensor and the next
+# li (SSM); for IDM / ToMe one kernel for the dst and candidate lists, the match, the selection
+# and one kernel for the plan and li. The random draws are the reference's, in the same shapes
+# and order, so a seeded generator gives the same plan on both backends. Nothing reads tensor
+# values on the host. In eager mode the launchers are called directly (no custom-op dispatch).
 
-def _plan(metric, rep_of_token, num_rows, blend, rank_in_row=None) -> MergePlan:
-    row_of_token, members, row_start, rep_token = lib.assemble_plan(rep_of_token, num_rows, rank_in_row, "triton")
-    return MergePlan(row_of_token, members, row_start, rep_token, blend,
-                     num_tokens=metric.shape[1], num_rows=num_rows)
+def _scores_launch(metric, li, grid_h, grid_w, win_h, win_w, a_s, paper, backend):
+    from .csrc_triton import scores as kernels
+
+    return kernels.window_scores(metric, (grid_h, grid_w), (win_h, win_w), li=li, a_s=a_s, paper=paper)
 
 
-def _ssm_triton(metric, grid, n_remove, window, li, a_s, score, random_dst, generator) -> MergePlan:
+def _match_launch(metric, cand_idx, dst_idx, backend):
+    from .csrc_triton import match as kernels
+
+    return kernels.bipartite_match(metric, cand_idx, dst_idx)
+
+
+def _topk_launch(scores, k, backend):
+    from .csrc_triton import select as kernels
+
+    return kernels.topk_rank(scores, k)
+
+
+def _triton_plan(outs, num_tokens, num_rows, li_mode) -> MergePlan:
+    plan = MergePlan(*outs[:5], num_tokens=num_tokens, num_rows=num_rows, validate=_check_built())
+    plan.li_next, plan.li_mode = outs[5], li_mode
+    return plan
+
+
+def _ssm_triton(metric, grid, n_remove, window, li, a_s, score, random_dst, generator, li_mode) -> MergePlan:
     batch, num_tokens, _ = metric.shape
-    device = metric.device
-    tokens = window_token_index(grid, window, device=device)  # [G, K]
-    num_windows, window_size = tokens.shape
+    window_size = window[0] * window[1]
+    num_windows = (grid[0] // window[0]) * (grid[1] // window[1])
     num_selected = ref_schedule.ssm_windows_to_merge(n_remove, window_size, num_windows)
-    scores = lib.window_scores(metric, li if a_s != 0.0 else None, grid[0], grid[1], window[0], window[1],
-                               a_s, score == "paper", "triton")
-    rank = lib.topk_rank(scores, num_selected, "triton").long()  # [B, G]: k-th selected in window order
-    selected = rank >= 0
-    dst_pos = ref_plans.draw_positions((batch, num_selected), window_size, random_dst, generator, device)
-    if num_selected > 0:  # the k-th draw goes to the k-th selected window
-        window_dst = dst_pos.gather(1, rank.clamp_min(0))
-    else:
-        window_dst = torch.zeros(batch, num_windows, dtype=torch.long, device=device)
-    window_tokens = tokens.expand(batch, -1, -1)  # [B, G, K]
-    dst_token = window_tokens.gather(2, window_dst.unsqueeze(-1))  # [B, G, 1]
-    in_selected = selected.unsqueeze(-1).expand(-1, -1, window_size)
-    flat_tokens = window_tokens.reshape(batch, -1)
-    rep_of_token = torch.arange(num_tokens, device=device).repeat(batch, 1)
-    rep_of_token.scatter_(1, flat_tokens, torch.where(in_selected, dst_token, window_tokens).reshape(batch, -1))
-    blend = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device)
-    blend.scatter_(1, flat_tokens, in_selected.reshape(batch, -1))
-    # Members of a window ascend with the position p, so p is the rank inside the row.
-    position = torch.arange(window_size, device=device).expand(batch, num_windows, -1)
-    rank_in_row = torch.zeros(batch, num_tokens, dtype=torch.long, device=device)
-    rank_in_row.scatter_(1, flat_tokens, torch.where(in_selected, position, 0).reshape(batch, -1))
+    scores = triton_call(lib.window_scores, _scores_launch, metric, li if a_s != 0.0 else None, grid[0], grid[1],
+                         window[0], window[1], a_s, score == "paper", "triton")
+    rank = triton_call(lib.topk_rank, _topk_launch, scores, num_selected, "triton")  # [B, G]
+    dst_pos = None  # position 0 unless drawn: the k-th draw goes to the k-th selected window
+    if random_dst:
+        dst_pos = ref_plans.draw_positions((batch, num_selected), window_size, True, generator, metric.device)
     num_rows = num_tokens - (window_size - 1) * num_selected
-    return _plan(metric, rep_of_token, num_rows, blend, rank_in_row)
+    outs = triton_call(plan_lib.ssm_plan_build, plan_lib.ssm_plan_launch, rank, dst_pos, li, grid[0], grid[1],
+                       window[0], window[1], num_rows, li_mode == "prune")
+    return _triton_plan(outs, num_tokens, num_rows, li_mode)
 
 
-def _bipartite_triton(metric, window_tokens, dst_pos, num_merged, cand_score=None) -> MergePlan:
+def _bipartite_triton(metric, grid, window, li, dst_pos, num_merged, li_mode, cand_score=None) -> MergePlan:
     batch, num_tokens, _ = metric.shape
-    device = metric.device
-    num_windows = window_tokens.shape[0]
-    num_cand = num_tokens - num_windows
-    dst_token = window_tokens.expand(batch, -1, -1).gather(2, dst_pos.unsqueeze(-1)).squeeze(-1)  # [B, G]
-    is_dst = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device)
-    is_dst.scatter_(1, dst_token, True)
-    token = torch.arange(num_tokens, device=device).expand(batch, num_tokens)
-    # Candidates in ascending token order: the slot of a non-dst is the count of non-dsts before it;
-    # dsts write to a spare slot that is cut off.
-    slot = torch.cumsum((~is_dst).long(), dim=1) - 1
-    cand_token = torch.zeros(batch, num_cand + 1, dtype=torch.long, device=device)
-    cand_token.scatter_(1, torch.where(is_dst, num_cand, slot), token)
-    cand_token = cand_token[:, :num_cand]
-
-    best, match = lib.bipartite_match(metric, cand_token, dst_token, "triton")
-    rank_score = best if cand_score is None else cand_score.to(torch.float32).gather(1, cand_token)
-    chosen = lib.topk_rank(rank_score.contiguous(), num_merged, "triton") >= 0  # [B, Na]
-    merged_into = dst_token.gather(1, match.long())
-    target = torch.where(chosen, cand_token, num_tokens)  # unchosen -> spare slot
-    rep_of_token = torch.arange(num_tokens + 1, device=device).repeat(batch, 1)
-    rep_of_token.scatter_(1, target, merged_into)
-    blend = torch.zeros(batch, num_tokens + 1, dtype=torch.bool, device=device)
-    blend.scatter_(1, target, True)
-    blend = blend[:, :num_tokens] | is_dst
-    return _plan(metric, rep_of_token[:, :num_tokens], num_tokens - num_merged, blend)
+    dst_token, cand_token = triton_call(plan_lib.bipartite_lists, plan_lib.bipartite_lists_launch, metric,
+                                        li if dst_pos is None else None, dst_pos, batch, grid[0], grid[1],
+                                        window[0], window[1])
+    best, match = triton_call(lib.bipartite_match, _match_launch, metric, cand_token, dst_token, "triton")
+    rank_score = best if cand_score is None else ref_plans.candidate_rank_score(best, cand_score, cand_token)
+    chosen = triton_call(lib.topk_rank, _topk_launch, rank_score.contiguous(), num_merged, "triton")
+    num_rows = num_tokens - num_merged
+    outs = triton_call(plan_lib.bipartite_plan_build, plan_lib.bipartite_plan_launch, cand_token, dst_token, match,
+                       chosen, li, num_tokens, num_rows, li_mode == "prune")
+    return _triton_plan(outs, num_tokens, num_rows, li_mode)
 
 
-def _idm_triton(metric, grid, n_remove, window, li, random_dst, generator, cand_score=None) -> MergePlan:
+def _idm_triton(metric, grid, n_remove, window, li, random_dst, generator, li_mode, cand_score=None) -> MergePlan:
     batch, num_tokens, _ = metric.shape
-    device = metric.device
-    tokens = window_token_index(grid, window, device=device)
-    num_windows, window_size = tokens.shape
-    if li is not None:
-        dst_pos = li[:, tokens].argmax(dim=-1)  # first maximum
-    else:
-        dst_pos = ref_plans.draw_positions((batch, num_windows), window_size, random_dst, generator, device)
+    window_size = window[0] * window[1]
+    num_windows = (grid[0] // window[0]) * (grid[1] // window[1])
+    dst_pos = None  # from li (first argmax over the window) when given, else drawn, else position 0
+    if li is None and random_dst:
+        dst_pos = ref_plans.draw_positions((batch, num_windows), window_size, True, generator, metric.device)
     num_merged = ref_schedule.idm_tokens_to_merge(n_remove, num_tokens - num_windows)
-    return _bipartite_triton(metric, tokens, dst_pos, num_merged, cand_score)
+    return _bipartite_triton(metric, grid, window, li, dst_pos, num_merged, li_mode, cand_score)
 
 
-def _tome_triton(metric, grid, n_remove, window, random_dst, generator) -> MergePlan:
-    batch, num_tokens, _ = metric.shape
-    device = metric.device
-    tokens = window_token_index(grid, window, device=device)
-    num_windows, window_size = tokens.shape
-    dst_pos = ref_plans.draw_positions((num_windows,), window_size, random_dst, generator, device)
+def _tome_triton(metric, grid, n_remove, window, random_dst, generator, li_mode) -> MergePlan:
+    num_tokens = metric.shape[1]
+    window_size = window[0] * window[1]
+    num_windows = (grid[0] // window[0]) * (grid[1] // window[1])
+    dst_pos = None  # one draw shared by the batch, or position 0
+    if random_dst:
+        dst_pos = ref_plans.draw_positions((num_windows,), window_size, True, generator, metric.device)
     num_merged = min(n_remove, num_tokens - num_windows)
-    return _bipartite_triton(metric, tokens, dst_pos.expand(batch, -1), num_merged)
+    return _bipartite_triton(metric, grid, window, None, dst_pos, num_merged, li_mode)

@@ -265,7 +265,7 @@ def test_custom_ops_reference_backend_matches_plain_reference(device):
             merged = torch.ops.sdtm.merge(xm, plan.row_of_token, plan.members, plan.row_start, plan.num_rows,
                                           "reference")
             pruned = torch.ops.sdtm.prune(xp, plan.rep_token, "reference")
-            out = torch.ops.sdtm.unmerge(yl, plan.row_of_token, residual, gate, cache, plan.blend, 0.25, "reference")
+            out = torch.ops.sdtm.unmerge(yl, plan.row_of_token, residual, gate, cache, plan.blend, 0.25, False, "reference")
         else:
             merged = ref.merge_mean(xm, plan.row_of_token, plan.num_rows)
             pruned = ref.prune(xp, plan.rep_token)
@@ -291,8 +291,9 @@ def test_opcheck(backend, device):
     cases = [
         (torch.ops.sdtm.merge, (x, plan.row_of_token, plan.members, plan.row_start, plan.num_rows, backend)),
         (torch.ops.sdtm.prune, (x, plan.rep_token, backend)),
-        (torch.ops.sdtm.unmerge, (y, plan.row_of_token, residual, gate, cache, plan.blend, 0.5, backend)),
-        (torch.ops.sdtm.unmerge, (y, plan.row_of_token, None, None, None, None, 1.0, backend)),
+        (torch.ops.sdtm.unmerge, (y, plan.row_of_token, residual, gate, cache, plan.blend, 0.5, False, backend)),
+        (torch.ops.sdtm.unmerge, (y, plan.row_of_token, residual, gate, cache, plan.blend, 0.5, True, backend)),
+        (torch.ops.sdtm.unmerge, (y, plan.row_of_token, None, None, None, None, 1.0, False, backend)),
         (torch.ops.sdtm.merge_backward, (y.detach(), plan.row_of_token, plan.row_start, torch.float32, backend)),
         (torch.ops.sdtm.unmerge_backward,
          (grad, plan.row_of_token, plan.num_rows, gate.detach(), plan.blend, 0.5, True, torch.float32, backend)),

@@ -80,8 +80,8 @@ class BlockContext:
 
         ``gate`` is ``[B, C]``, ``[B, 1, C]`` or None. With a cache (non-protected steps after a
         protected one) merged tokens take ``mcw * gate * value + (1 - mcw) * cache``: the
-        release caches and blends *gated* outputs, so the merged rows are gated first and the
-        unmerge epilogue runs without a gate. ``cache_names`` (default ``(sublayer,)``) names the
+        release caches and blends *gated* outputs, so the unmerge epilogue gates the gathered rows
+        before the blend (``gate_first``), in the same single pass. ``cache_names`` (default ``(sublayer,)``) names the
         caches whose sum is blended, for a merged output made of several cached parts.
 
         Without merging this is the stock expression: ``residual + gate * y``, or
@@ -184,9 +184,9 @@ def unmerge_sublayer(plan, y, residual, gate=None, cache=None, mcw: float = 1.0,
     residual = residual.to(out_dtype)
     if cache is None:
         return plan.unmerge(y.to(out_dtype), residual=residual, gate=gate, backend=backend)
-    y_gated = y if gate is None else gate[:, None, :] * y  # the gated dtype, as the cache
-    return plan.unmerge(y_gated.to(out_dtype), residual=residual, cache=cache.to(out_dtype), mcw=mcw,
-                        backend=backend)
+    # The cache holds gated values: one fused pass gates the gathered rows, then blends.
+    return plan.unmerge(y.to(out_dtype), residual=residual, gate=gate, cache=cache.to(out_dtype), mcw=mcw,
+                        gate_first=True, backend=backend)
 
 
 def run_merged(plan, fn, inp, residual, gate=None, cache=None, mcw: float = 1.0, mode: str = "mean",

@@ -201,19 +201,19 @@ class SDTMState:
         plan_li = None if li is None else li[: metric.shape[0]]
         random_dst = cfg.random_dst and batch % 2 == 0
         n_remove = self.n_remove(metric.shape[1])
+        common = dict(window=cfg.window, li=plan_li, random_dst=random_dst, generator=self.generator,
+                      backend=cfg.backend, li_mode=cfg.merge_mode)
         if mode == "ssm":
-            plan = plan_ssm(metric, self.grid, n_remove, window=cfg.window, li=plan_li, random_dst=random_dst,
-                            generator=self.generator, backend=cfg.backend, a_s=cfg.a_s)
+            plan = plan_ssm(metric, self.grid, n_remove, a_s=cfg.a_s, **common)
         elif received is not None:
-            plan = plan_idm_attention(metric, self.grid, n_remove, received, a_d=cfg.a_d, window=cfg.window,
-                                      li=plan_li, random_dst=random_dst, generator=self.generator,
-                                      backend=cfg.backend)
+            plan = plan_idm_attention(metric, self.grid, n_remove, received, a_d=cfg.a_d, **common)
         else:
-            plan = plan_idm(metric, self.grid, n_remove, window=cfg.window, li=plan_li, random_dst=random_dst,
-                            generator=self.generator, backend=cfg.backend)
-        if metric.shape[0] != batch:  # a plan shared by the batch
+            plan = plan_idm(metric, self.grid, n_remove, **common)
+        li_next = plan.li_next  # built with the plan (one kernel on the Triton backend)
+        if metric.shape[0] != batch:  # a plan shared by the batch: every row has the same counter
             plan = expand_plan(plan, batch)
-        self.li[self.call] = plan.update_li(li, cfg.merge_mode)
+            li_next = li_next.expand(batch, -1)
+        self.li[self.call] = li_next
         return plan
 
     def reset_li(self):
@@ -256,7 +256,7 @@ def expand_plan(plan, batch: int):
         return plan
 
     def rep(t):
-        return t.expand(batch, -1).contiguous()
+        return t.expand(batch, -1)  # a view: every kernel and reference op takes strides
 
     return MergePlan(rep(plan.row_of_token), rep(plan.members), rep(plan.row_start), rep(plan.rep_token),
                      rep(plan.blend), num_tokens=plan.num_tokens, num_rows=plan.num_rows, validate=False)

@@ -13,6 +13,10 @@ Autograd (same kernels on the ``triton`` backend):
              grad_residual = grad, grad_gate = sum_t grad * v_before_gate,
              grad_cache = (1 - mcw) * gate * grad on blend tokens, 0 elsewhere.
 The backward ops themselves are not differentiable (no double backward).
+
+These ops do not check index values (the public ``sdtm_kernels.ops`` wrappers do, on CPU
+and in debug mode); whatever the values, neither backend reads out of bounds (the index
+contract of ``reference/merge.py`` and ``csrc_triton/merge.py``).
 """
 from typing import Optional
 
@@ -41,12 +45,14 @@ def _expand_c(index: Tensor, channels: int) -> Tensor:
 
 
 def _csr_from_rows(row_of_token: Tensor, num_rows: int):
-    """``members``/``row_start`` of the plan whose rows are ``row_of_token`` (no host sync)."""
+    """``members``/``row_start`` of the plan whose rows are ``row_of_token`` (no host sync).
+    Tokens whose row is outside ``[0, num_rows)`` sort last, past ``row_start[:, -1]``: no row."""
     rows = row_of_token.long()
+    rows = torch.where((rows >= 0) & (rows < num_rows), rows, num_rows)
     members = torch.argsort(rows, dim=1, stable=True).to(torch.int32)
-    counts = torch.zeros(rows.shape[0], num_rows, dtype=torch.long, device=rows.device)
+    counts = torch.zeros(rows.shape[0], num_rows + 1, dtype=torch.long, device=rows.device)
     counts.scatter_add_(1, rows, torch.ones_like(rows))
-    row_start = torch.nn.functional.pad(torch.cumsum(counts, dim=1), (1, 0)).to(torch.int32)
+    row_start = torch.nn.functional.pad(torch.cumsum(counts[:, :num_rows], dim=1), (1, 0)).to(torch.int32)
     return members, row_start
 
 
@@ -58,7 +64,7 @@ def merge(x: Tensor, row_of_token: Tensor, members: Tensor, row_start: Tensor, n
     """Segment mean ``[B, N, C] -> [B, M, C]`` over each row's members."""
     if backend == "triton":
         return _kernels().merge_mean(x, members, row_start)
-    return ref.merge_mean(x, row_of_token, num_rows)
+    return ref.segment_mean(x, members, row_start)  # the same plan tensors as the kernel
 
 
 @merge.register_fake
@@ -73,9 +79,10 @@ def merge_backward(grad: Tensor, row_of_token: Tensor, row_start: Tensor, dtype:
     if backend == "triton":
         return _kernels().merge_backward(grad, row_of_token, row_start, out_dtype=dtype)
     compute = _compute_dtype(grad.dtype)
-    counts = (row_start[:, 1:] - row_start[:, :-1]).to(compute)
+    lo, hi = ref.row_bounds(row_start, row_of_token.shape[1])
+    counts = (hi - lo).clamp_min(1).to(compute)
     scaled = grad.to(compute) / counts.unsqueeze(-1)
-    return scaled.gather(1, _expand_c(row_of_token, grad.shape[-1])).to(dtype)
+    return ref.gather_rows(scaled, row_of_token).to(dtype)
 
 
 @merge_backward.register_fake
@@ -122,10 +129,14 @@ def _prune_setup(ctx, inputs, output):
 def _prune_grad(ctx, grad):
     (rep_token,) = ctx.saved_tensors
     batch, _, channels = grad.shape
-    grad_x = grad.new_zeros(batch, ctx.num_tokens, channels, dtype=ctx.dtype)
-    # Representatives are distinct tokens, so the scatter has no collisions (deterministic).
-    grad_x.scatter_(1, _expand_c(rep_token, channels), grad.to(ctx.dtype))
-    return grad_x, None, None
+    num_tokens = ctx.num_tokens
+    # Representatives are distinct tokens, so the scatter has no collisions (deterministic);
+    # an out-of-range representative (which read zeros) writes to a spare token that is cut off.
+    reps = rep_token.long()
+    reps = torch.where((reps >= 0) & (reps < num_tokens), reps, num_tokens)
+    grad_x = grad.new_zeros(batch, num_tokens + 1, channels, dtype=ctx.dtype)
+    grad_x.scatter_(1, _expand_c(reps, channels), grad.to(ctx.dtype))
+    return grad_x[:, :num_tokens], None, None
 
 
 prune.register_autograd(_prune_grad, setup_context=_prune_setup)
@@ -135,17 +146,19 @@ prune.register_autograd(_prune_grad, setup_context=_prune_setup)
 
 @torch.library.custom_op(f"{_LIB}::unmerge", mutates_args=())
 def unmerge(y: Tensor, row_of_token: Tensor, residual: Optional[Tensor], gate: Optional[Tensor],
-            cache: Optional[Tensor], blend: Optional[Tensor], mcw: float, backend: str) -> Tensor:
+            cache: Optional[Tensor], blend: Optional[Tensor], mcw: float, gate_first: bool, backend: str) -> Tensor:
     """``residual + gate[:, None] * where(blend, mcw * v + (1 - mcw) * cache, v)``,
-    ``v = y[b, row_of_token[b, t]]``; each term optional."""
+    ``v = y[b, row_of_token[b, t]]``; ``gate_first``: ``residual + where(blend, mcw * g v + (1 - mcw) * cache,
+    g v)`` (a cache of gated values). Each term optional."""
     if backend == "triton":
         return _kernels().unmerge(y, row_of_token, residual=residual, gate=gate, cache=cache, blend=blend,
-                                  mcw=mcw)
-    return ref.unmerge(y, row_of_token, residual=residual, gate=gate, cache=cache, blend=blend, mcw=mcw)
+                                  mcw=mcw, gate_first=gate_first)
+    return ref.unmerge(y, row_of_token, residual=residual, gate=gate, cache=cache, blend=blend, mcw=mcw,
+                       gate_first=gate_first)
 
 
 @unmerge.register_fake
-def _(y, row_of_token, residual, gate, cache, blend, mcw, backend):
+def _(y, row_of_token, residual, gate, cache, blend, mcw, gate_first, backend):
     return y.new_empty(y.shape[0], row_of_token.shape[1], y.shape[2])
 
 
@@ -166,10 +179,7 @@ def unmerge_backward(grad: Tensor, row_of_token: Tensor, num_rows: int, gate: Op
     if has_cache:
         scaled = weighted * mcw
         weighted = torch.where(blend.unsqueeze(-1), scaled, weighted) if blend is not None else scaled
-    batch, _, channels = grad.shape
-    total = torch.zeros(batch, num_rows, channels, dtype=compute, device=grad.device)
-    total.scatter_add_(1, _expand_c(row_of_token, channels), weighted)
-    return total.to(dtype)
+    return ref.scatter_rows(weighted, row_of_token, num_rows).to(dtype).contiguous()
 
 
 @unmerge_backward.register_fake
@@ -178,9 +188,9 @@ def _(grad, row_of_token, num_rows, gate, blend, mcw, has_cache, dtype, backend)
 
 
 def _unmerge_setup(ctx, inputs, output):
-    y, row_of_token, residual, gate, cache, blend, mcw, backend = inputs
+    y, row_of_token, residual, gate, cache, blend, mcw, gate_first, backend = inputs
     ctx.save_for_backward(y, row_of_token, gate, cache, blend)
-    ctx.mcw, ctx.backend = mcw, backend
+    ctx.mcw, ctx.backend, ctx.gate_first = mcw, backend, gate_first
     ctx.residual_dtype = residual.dtype if residual is not None else None
 
 
@@ -196,20 +206,22 @@ def _unmerge_grad(ctx, grad):
     if ctx.needs_input_grad[2]:
         grad_residual = grad.to(ctx.residual_dtype)
     if ctx.needs_input_grad[3]:
-        # Value before the gate, in the compute dtype, from the same gather kernel.
-        value = torch.ops.sdtm.unmerge(
-            y.to(compute), row_of_token, None, None, cache.to(compute) if cache is not None else None, blend,
-            mcw, backend,
-        )
+        # What the gate multiplies, in the compute dtype, from the same gather kernel: the blended
+        # value, or (gate first) the gathered value weighted by mcw on blend tokens.
+        blend_in = cache.to(compute) if cache is not None else None
+        if ctx.gate_first and cache is not None:  # a zero cache leaves mcw * v on blend tokens
+            blend_in = y.new_zeros((), dtype=compute).expand(y.shape[0], row_of_token.shape[1], y.shape[2])
+        value = torch.ops.sdtm.unmerge(y.to(compute), row_of_token, None, None, blend_in, blend, mcw, False,
+                                       backend)
         grad_gate = (grad.to(compute) * value).sum(dim=1).to(gate.dtype)
     if ctx.needs_input_grad[4]:
         weighted = grad.to(compute) * (1.0 - mcw)
-        if gate is not None:
+        if gate is not None and not ctx.gate_first:
             weighted = weighted * gate.to(compute).unsqueeze(1)
         if blend is not None:
             weighted = torch.where(blend.unsqueeze(-1), weighted, torch.zeros_like(weighted))
         grad_cache = weighted.to(cache.dtype)
-    return grad_y, None, grad_residual, grad_gate, grad_cache, None, None, None
+    return grad_y, None, grad_residual, grad_gate, grad_cache, None, None, None, None
 
 
 unmerge.register_autograd(_unmerge_grad, setup_context=_unmerge_setup)

@@ -6,10 +6,33 @@
 differentiable, traceable PyTorch, and the first custom-op call imports ``torch._dynamo``,
 which imports triton - CPU users of the reference should not pay for that. The custom ops
 accept ``"reference"`` too and give the same results.
+
+Index contract (docs/SEMANTICS.md, "Index contract"), the same on both backends:
+
+* which plan tensors are read: ``merge`` reads ``members`` and ``row_start`` (forward, CSR
+  segment mean) and ``row_of_token`` with ``row_start`` (backward); ``prune`` reads
+  ``rep_token``; ``unmerge`` reads ``row_of_token`` (and ``blend``).
+* value check: ``row_of_token`` in ``[0, M)``, ``members`` and ``rep_token`` in ``[0, N)``,
+  ``row_start`` from 0 to N and nondecreasing, else a ``ValueError`` naming the argument,
+  with the same message on both backends. It reads tensor values, so it runs for CPU
+  tensors (eager mode) and on GPUs only in debug mode (``set_debug(True)`` or
+  ``SDTM_DEBUG=1``): no host synchronisation in the hot path.
+* without the check nothing is read out of bounds: a gather index out of range reads
+  zeros, CSR row bounds are clamped to ``[0, N]`` and out-of-range members add nothing
+  (``torch.ops.sdtm.*`` called directly never checks values).
 """
 import torch
 
-from .._validation import FLOAT_DTYPES, check_float, check_int, check_same_device, check_tensor
+from .._validation import (
+    FLOAT_DTYPES,
+    check_float,
+    check_index_values,
+    check_int,
+    check_row_start_values,
+    check_same_device,
+    check_tensor,
+    values_checked,
+)
 from ..backend import resolve_backend
 from ..reference import merge as ref
 from . import _merge_library  # noqa: F401 - registers torch.ops.sdtm.merge / prune / unmerge
@@ -44,10 +67,14 @@ def _check_merge_args(x, row_of_token, members, row_start, num_rows):
     _check_index("row_of_token", row_of_token, (batch, num_tokens), x, "x")
     _check_index("members", members, (batch, num_tokens), x, "x")
     _check_index("row_start", row_start, (batch, num_rows + 1), x, "x")
+    if values_checked(x):
+        check_index_values("row_of_token", row_of_token, num_rows, "num_rows")
+        check_index_values("members", members, num_tokens, "N")
+        check_row_start_values("row_start", row_start, num_tokens)
     return num_rows
 
 
-def _check_unmerge_args(y, row_of_token, residual, gate, cache, blend, mcw):
+def _check_unmerge_args(y, row_of_token, residual, gate, cache, blend, mcw, check_values=True):
     check_tensor("y", y, ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor("row_of_token", row_of_token, ndim=2)
     batch, num_tokens = row_of_token.shape
@@ -55,6 +82,8 @@ def _check_unmerge_args(y, row_of_token, residual, gate, cache, blend, mcw):
     if y.shape[0] != batch:
         raise ValueError(f"y has batch {y.shape[0]} but row_of_token has B={batch}")
     _check_index("row_of_token", row_of_token, (batch, num_tokens), y, "y")
+    if check_values and values_checked(y):
+        check_index_values("row_of_token", row_of_token, y.shape[1], "M")
     for name, value in (("residual", residual), ("cache", cache)):
         if value is not None:
             _check_tokens(name, value, batch, num_tokens, channels)
@@ -76,11 +105,16 @@ def _check_unmerge_args(y, row_of_token, residual, gate, cache, blend, mcw):
 
 def merge(x, row_of_token, members, row_start, num_rows: int, *, backend=None):
     """Segment mean ``[B, N, C] -> [B, M, C]``. Equivalent to
-    ``out[b, m] = x[b, members[b, row_start[b, m]:row_start[b, m+1]]].mean(0)``."""
+    ``out[b, m] = x[b, members[b, row_start[b, m]:row_start[b, m+1]]].mean(0)``.
+
+    Both backends compute the forward from ``members`` / ``row_start``; ``row_of_token`` is
+    read by the backward (``grad_x[t] = grad[row_of_token[t]] / count``). All three must
+    describe the same partition (``MergePlan.check()``); their value ranges are checked on
+    CPU tensors and in debug mode (see the module docstring)."""
     num_rows = _check_merge_args(x, row_of_token, members, row_start, num_rows)
     backend = resolve_backend(backend, x.device, "merge")
     if backend == "reference":
-        return ref.merge_mean(x, row_of_token, num_rows)
+        return ref.segment_mean(x, members, row_start)
     return torch.ops.sdtm.merge(x, row_of_token, members, row_start, num_rows, backend)
 
 
@@ -91,18 +125,84 @@ def prune(x, rep_token, *, backend=None):
     if x.shape[0] != rep_token.shape[0]:
         raise ValueError(f"x has batch {x.shape[0]} but rep_token has B={rep_token.shape[0]}")
     _check_index("rep_token", rep_token, tuple(rep_token.shape), x, "x")
+    if values_checked(x):
+        check_index_values("rep_token", rep_token, x.shape[1], "N")
     backend = resolve_backend(backend, x.device, "prune")
     if backend == "reference":
         return ref.prune(x, rep_token)
     return torch.ops.sdtm.prune(x, rep_token, backend)
 
 
-def unmerge(y, row_of_token, *, residual=None, gate=None, cache=None, blend=None, mcw=1.0, backend=None):
+def unmerge(y, row_of_token, *, residual=None, gate=None, cache=None, blend=None, mcw=1.0, gate_first=False,
+            backend=None):
     """Unmerge with the fused DiT epilogue, every term optional. Equivalent to
     ``v = y.gather(1, row_of_token[..., None].expand(-1, -1, C))``; ``v = where(blend, mcw*v + (1-mcw)*cache, v)``
-    when a cache is given (all tokens without ``blend``); ``out = residual + gate[:, None] * v``."""
+    when a cache is given (all tokens without ``blend``); ``out = residual + gate[:, None] * v``.
+    ``gate_first=True`` applies the gate before the blend, for a cache of gated values (the
+    release's rule): ``out = residual + where(blend, mcw * gate * v + (1 - mcw) * cache, gate * v)``."""
     mcw = _check_unmerge_args(y, row_of_token, residual, gate, cache, blend, mcw)
     backend = resolve_backend(backend, y.device, "unmerge")
     if backend == "reference":
-        return ref.unmerge(y, row_of_token, residual=residual, gate=gate, cache=cache, blend=blend, mcw=mcw)
-    return torch.ops.sdtm.unmerge(y, row_of_token, residual, gate, cache, blend, mcw, backend)
+        return ref.unmerge(y, row_of_token, residual=residual, gate=gate, cache=cache, blend=blend, mcw=mcw,
+                           gate_first=bool(gate_first))
+    return torch.ops.sdtm.unmerge(y, row_of_token, residual, gate, cache, blend, mcw, bool(gate_first), backend)
+
+
+# -- the plan's own fast path ------------------------------------------------------------------
+# ``MergePlan.merge / unmerge`` pass tensors of a plan that was built by the planners or checked
+# when it was constructed, so their values are not checked again per op (once per plan, not
+# once per op). In eager mode without autograd the launcher (or the reference function) is
+# called directly: the custom-op dispatch costs more host time than the kernel at DiT sizes.
+# Under torch.compile or when a gradient is needed, the registered op runs (fake, autograd).
+
+def _direct(*tensors) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
+def _merge_kernels():
+    from ..csrc_triton import merge as kernels  # lazy: import sdtm_kernels does not import triton
+
+    return kernels
+
+
+def _check_plan_input(x, index):
+    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
+    if x.shape[0] != index.shape[0]:
+        raise ValueError(f"x has batch {x.shape[0]} but the plan has B={index.shape[0]}")
+    check_same_device("x", x, "the plan", index)
+
+
+def plan_merge(x, row_of_token, members, row_start, num_rows: int, backend: str):
+    """``merge`` for a trusted plan (resolved ``backend``; only ``x`` is checked)."""
+    _check_plan_input(x, row_of_token)
+    if backend == "reference":
+        return ref.segment_mean(x, members, row_start)
+    if _direct(x):
+        return _merge_kernels().merge_mean(x, members, row_start)
+    return torch.ops.sdtm.merge(x, row_of_token, members, row_start, num_rows, backend)
+
+
+def plan_prune(x, rep_token, backend: str):
+    """``prune`` for a trusted plan (resolved ``backend``; only ``x`` is checked)."""
+    _check_plan_input(x, rep_token)
+    if backend == "reference":
+        return ref.prune(x, rep_token)
+    if _direct(x):
+        return _merge_kernels().prune(x, rep_token)
+    return torch.ops.sdtm.prune(x, rep_token, backend)
+
+
+def plan_unmerge(y, row_of_token, residual, gate, cache, blend, mcw, gate_first, backend: str):
+    """``unmerge`` for a trusted plan: the plan tensors' values are not checked again."""
+    if y.dim() != 3 or y.shape[0] != row_of_token.shape[0]:
+        raise ValueError(f"y must have shape [B={row_of_token.shape[0]}, M, C], got {list(y.shape)}")
+    mcw = _check_unmerge_args(y, row_of_token, residual, gate, cache, None, mcw, check_values=False)
+    if backend == "reference":
+        return ref.unmerge(y, row_of_token, residual=residual, gate=gate, cache=cache, blend=blend, mcw=mcw,
+                           gate_first=gate_first)
+    if _direct(y, residual, gate, cache):
+        return _merge_kernels().unmerge(y, row_of_token, residual=residual, gate=gate, cache=cache, blend=blend,
+                                        mcw=mcw, gate_first=gate_first)
+    return torch.ops.sdtm.unmerge(y, row_of_token, residual, gate, cache, blend, mcw, gate_first, backend)

@@ -1,7 +1,16 @@
 """Similarity ops: SSM window scores and bipartite cosine matching."""
 import torch
 
-from .._validation import check_float, check_float_tokens, check_grid, check_li, check_same_device, check_tensor
+from .._validation import (
+    check_float,
+    check_float_tokens,
+    check_grid,
+    check_index_values,
+    check_li,
+    check_same_device,
+    check_tensor,
+    values_checked,
+)
 from ..backend import resolve_backend
 from . import _score_library as lib
 
@@ -30,7 +39,10 @@ def bipartite_match(metric, cand_idx, dst_idx, *, backend=None):
     """Best cosine match of each candidate among the dsts: ``(best float32 [B, Na], match int32 [B, Na])``.
 
     Equivalent to ``(normalize(metric[cand_idx]) @ normalize(metric[dst_idx]).T).max(-1)``;
-    ``match`` is a position in ``dst_idx``, ties going to the lowest position.
+    ``match`` is a position in ``dst_idx``, ties going to the lowest position. Pairs with a
+    non-finite token score ``-inf`` (docs/SEMANTICS.md). Index values must be in ``[0, N)``:
+    checked on CPU tensors and in debug mode (``ValueError``); unchecked, an index outside
+    counts as a non-finite token and is never read, on both backends.
     """
     check_float_tokens("metric", metric)
     for name, idx in (("cand_idx", cand_idx), ("dst_idx", dst_idx)):
@@ -42,5 +54,8 @@ def bipartite_match(metric, cand_idx, dst_idx, *, backend=None):
         check_same_device(name, idx, "metric", metric)
     if dst_idx.shape[1] == 0:
         raise ValueError("dst_idx must hold at least one dst per batch row")
+    if values_checked(metric):
+        for name, idx in (("cand_idx", cand_idx), ("dst_idx", dst_idx)):
+            check_index_values(name, idx, metric.shape[1], "N")
     backend = resolve_backend(backend, metric.device, "bipartite_match")
     return lib.bipartite_match(metric, cand_idx, dst_idx, backend)
