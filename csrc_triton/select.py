@@ -1,4 +1,4 @@
-"""Top-k selection by radix select, and the plan build by ranks and prefix sums.
+"""Top-k selection by radix select.
 
 ``topk_rank`` (equivalent PyTorch, per batch row)::
 
@@ -10,15 +10,8 @@ No sort: scores become order-preserving integer keys, the k-th largest key is fo
 bitwise binary search (32 counting passes over the row, most significant bit first), then
 every key above it is taken plus the lowest-index keys equal to it until there are k.
 
-``group_rank``: ``rank[t] = #{s < t : key[s] == key[t]}`` (position of a token among the
-members of its group, members in ascending order), by blocked all-pairs comparison of
-earlier tokens; O(N^2) integer compares, no sort.
-
-``assemble_plan``: ``reference.plans.assemble_plan`` with the stable argsort replaced by
-``members[row_start[row] + rank_in_row] = token``.
+The plan tensors are built from the ranks by ``plan_build.py``.
 """
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -87,31 +80,6 @@ def _topk_rank_kernel(
         chosen_seen += tl.sum(chosen_i, axis=0)
 
 
-@triton.jit
-def _group_rank_kernel(
-    rank_ptr,  # int32 [B, N] out: number of earlier tokens with the same key
-    stride_rb, stride_ri,  # strides of rank
-    key_ptr,  # integer [B, N] group key of each token (e.g. its representative)
-    stride_kb, stride_ki,  # strides of key
-    n,  # N
-    BLOCK: tl.constexpr,  # tokens per program and per comparison step
-):
-    pid_t = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    t = pid_t * BLOCK + tl.arange(0, BLOCK)
-    t_mask = t < n
-    k_row = key_ptr + pid_b * stride_kb
-    key_t = tl.load(k_row + t.to(tl.int64) * stride_ki, mask=t_mask, other=-1).to(tl.int64)
-    count = tl.zeros([BLOCK], dtype=tl.int32)
-    for s0 in range(0, (pid_t + 1) * BLOCK, BLOCK):  # only earlier tokens matter
-        s = s0 + tl.arange(0, BLOCK)
-        s_mask = s < n
-        key_s = tl.load(k_row + s.to(tl.int64) * stride_ki, mask=s_mask, other=-2).to(tl.int64)
-        hit = (key_s[None, :] == key_t[:, None]) & (s[None, :] < t[:, None]) & s_mask[None, :]
-        count += tl.sum(hit.to(tl.int32), axis=1)
-    tl.store(rank_ptr + pid_b * stride_rb + t.to(tl.int64) * stride_ri, count, mask=t_mask)
-
-
 def topk_rank(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Launch ``_topk_rank_kernel``: int32 ``[B, n]``, the rank of each of the k largest scores
     of its row among them in ascending index order (ties: lower index selected), else -1."""
@@ -131,56 +99,3 @@ def topk_rank(scores: torch.Tensor, k: int) -> torch.Tensor:
         BLOCK=block, num_warps=1 if interpret else (8 if block >= 2048 else 4),
     )
     return rank
-
-
-def group_rank(keys: torch.Tensor) -> torch.Tensor:
-    """Launch ``_group_rank_kernel``: int32 ``[B, N]`` with ``#{s < t : keys[s] == keys[t]}``."""
-    batch, n = keys.shape
-    interpret = _interpreting(keys)
-    rank = torch.empty(batch, n, dtype=torch.int32, device=keys.device)
-    if batch == 0 or n == 0:
-        return rank
-    block = 128 if interpret else 64
-    _group_rank_kernel[(triton.cdiv(n, block), batch)](
-        rank, rank.stride(0), rank.stride(1),
-        keys, keys.stride(0), keys.stride(1),
-        n,
-        BLOCK=block, num_warps=1 if interpret else 4,
-    )
-    return rank
-
-
-def assemble_plan(rep_of_token: torch.Tensor, num_rows: int, rank_in_row: Optional[torch.Tensor] = None):
-    """Plan tensors ``(row_of_token, members, row_start, rep_token)`` (int32) from
-    ``rep_of_token [B, N]``, equal to ``reference.plans.assemble_plan``: rows ordered by their
-    lowest member, members ascending inside a row.
-
-    ``rank_in_row`` (the position of each token among its row's members, ascending) may be
-    given when the caller knows it (SSM: the position inside the window); otherwise
-    ``group_rank`` computes it. Plain torch scatters and cumsums, no host synchronisation.
-    """
-    batch, num_tokens = rep_of_token.shape
-    device = rep_of_token.device
-    rep = rep_of_token.long()
-    if rank_in_row is None:
-        rank_in_row = group_rank(rep)
-    rank_in_row = rank_in_row.long()
-    token = torch.arange(num_tokens, device=device).expand(batch, num_tokens)
-    is_head = rank_in_row == 0  # the lowest member of each group
-    # Head of every group, stored at the group's representative (non-heads write to a spare slot).
-    head_at_rep = torch.zeros(batch, num_tokens + 1, dtype=torch.long, device=device)
-    head_at_rep.scatter_(1, torch.where(is_head, rep, num_tokens), token)
-    head = head_at_rep[:, :num_tokens].gather(1, rep)
-    row_of_head = torch.cumsum(is_head.long(), dim=1) - 1
-    row_of_token = row_of_head.gather(1, head)
-
-    counts = torch.zeros(batch, num_rows, dtype=torch.long, device=device)
-    counts.scatter_add_(1, row_of_token, torch.ones_like(row_of_token))
-    row_start = torch.nn.functional.pad(torch.cumsum(counts, dim=1), (1, 0))
-    position = row_start.gather(1, row_of_token) + rank_in_row
-    members = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
-    members.scatter_(1, position, token)
-    rep_token = torch.zeros(batch, num_rows, dtype=torch.long, device=device)
-    rep_token.scatter_(1, row_of_token, rep)  # every member writes the same value
-    return (row_of_token.to(torch.int32), members.to(torch.int32), row_start.to(torch.int32),
-            rep_token.to(torch.int32))

@@ -48,7 +48,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 TARGET = ("cuda", 90, 32)  # H100, warp size 32
 H100_MAX_SHARED = 232448  # bytes of shared memory a block may opt into on sm_90 (227 KiB)
-KERNEL_MODULES = ("merge", "scores", "match", "select")
+KERNEL_MODULES = ("merge", "scores", "match", "select", "plan_build")
 
 
 # =========================================================================================
@@ -158,10 +158,11 @@ def _drive(recorder, quick=False):
     from sdtm_kernels.csrc_triton import match as k_match
     from sdtm_kernels.csrc_triton import merge as k_merge
     from sdtm_kernels.csrc_triton import scores as k_scores
+    from sdtm_kernels.csrc_triton import plan_build as k_plan_build
     from sdtm_kernels.csrc_triton import select as k_select
 
     # GPU tile sizes / warps / DOT_FP32: the launchers ask ``_interpreting`` which config to use.
-    for mod in (k_scores, k_match, k_select, k_attention):
+    for mod in (k_scores, k_match, k_select, k_attention, k_plan_build):
         mod._interpreting = lambda t: False
 
     gen = torch.Generator().manual_seed(0)
@@ -301,9 +302,20 @@ def _drive(recorder, quick=False):
     for n in (10, 20, 40, 100, 200, 400, 1000, 2000, 3000):  # topk BLOCK 16 .. 4096, warps 4 / 8
         section(f"sweep topk_rank n={n}")
         k_select.topk_rank(torch.randn(2, n, generator=gen), n // 3)
-        if n <= 400:  # BLOCK is 64 for every n on a GPU; O(n^2) in the interpreter
-            section(f"sweep group_rank n={n}")
-            k_select.group_rank(torch.randint(0, max(1, n // 4), (2, n), generator=gen))
+    for side in (2, 4, 8, 16, 32, 64):  # fused plan builds: token blocks 16 .. 1024 (SSM, lists), 16 .. 128
+        if quick and side not in (4, 32):
+            continue
+        section(f"sweep plan builds grid {side}x{side}")
+        metric = tokens(2, side * side, 16)
+        li = li_for(2, side * side)
+        n = side * side
+        for li_arg, random in ((None, False), (li, True)):
+            for mode in ("mean", "prune"):
+                plan_ssm(metric, (side, side), n // 2, li=li_arg, random_dst=random,
+                                      generator=torch.Generator().manual_seed(0), li_mode=mode, backend=T)
+                plan_idm(metric, (side, side), n // 2, li=li_arg, random_dst=random,
+                                      generator=torch.Generator().manual_seed(0), li_mode=mode, backend=T)
+        plan_tome(metric, (side, side), n // 3, random_dst=True, backend=T)
     for dtype, channels in itertools.product(floats, (8, 16, 32, 64, 128, 1536)):
         for window in ((2, 2), (2, 1), (3, 3), (4, 4), (1, 1)):
             if quick and dtype != torch.float16 and window != (2, 2):

@@ -27,7 +27,8 @@ pytestmark = pytest.mark.skipif(
 
 KERNELS = (
     "merge._segment_reduce_kernel", "merge._gather_rows_kernel", "scores._window_scores_kernel",
-    "match._bipartite_match_kernel", "select._topk_rank_kernel", "select._group_rank_kernel",
+    "match._bipartite_match_kernel", "select._topk_rank_kernel", "plan_build._ssm_plan_kernel",
+    "plan_build._bipartite_lists_kernel", "plan_build._bipartite_plan_kernel",
     "attention._row_lse_kernel", "attention._received_kernel",
 )
 

@@ -333,14 +333,24 @@ def test_opcheck(device):
     cand = torch.arange(9, 36, device=device).expand(2, -1).contiguous()
     dst = torch.arange(9, device=device).expand(2, -1).contiguous()
     scores = torch.randn(2, 50).to(device)
-    rep = torch.arange(36, device=device).repeat(2, 1)
-    rep[:, 1:4] = 0
     for backend in ("triton", "reference"):
         torch.library.opcheck(lib.window_scores, (x, li, 6, 6, 2, 2, 0.05, False, backend))
         torch.library.opcheck(lib.window_scores, (x, None, 6, 6, 3, 2, 0.0, True, backend))
         torch.library.opcheck(lib.bipartite_match, (x, cand, dst, backend))
         torch.library.opcheck(lib.topk_rank, (scores, 17, backend))
-        torch.library.opcheck(lib.assemble_plan, (rep, 33, None, backend))
+    # The fused plan builds (Triton only).
+    from sdtm_kernels.ops import _plan_library as plan_lib
+
+    rank = torch.tensor([[0, -1, 1, -1, 2, -1, -1, -1, 3]] * 2, dtype=torch.int32, device=device)
+    dst_pos = torch.zeros(2, 4, dtype=torch.int64, device=device)
+    for li_arg in (None, li):
+        torch.library.opcheck(plan_lib.ssm_plan_build, (rank, dst_pos, li_arg, 6, 6, 2, 2, 24, False))
+        dst, cand = plan_lib.bipartite_lists(x, li_arg, None, 2, 6, 6, 2, 2)
+        torch.library.opcheck(plan_lib.bipartite_lists, (x, li_arg, None, 2, 6, 6, 2, 2))
+        match = torch.zeros_like(cand)
+        chosen = torch.full_like(cand, -1)
+        chosen[:, :5] = torch.arange(5, dtype=torch.int32, device=device)
+        torch.library.opcheck(plan_lib.bipartite_plan_build, (cand, dst, match, chosen, li_arg, 36, 31, True))
 
 
 def test_plan_build_compiles_without_graph_breaks(device):

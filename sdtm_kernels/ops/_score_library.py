@@ -74,27 +74,3 @@ def topk_rank(scores: Tensor, k: int, backend: str) -> Tensor:
 @topk_rank.register_fake
 def _(scores, k, backend):
     return scores.new_empty(scores.shape, dtype=torch.int32)
-
-
-@torch.library.custom_op("sdtm::assemble_plan", mutates_args=())
-def assemble_plan(rep_of_token: Tensor, num_rows: int, rank_in_row: Optional[Tensor],
-                  backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """int32 ``(row_of_token [B, N], members [B, N], row_start [B, M+1], rep_token [B, M])`` from
-    the representative of each token, as ``reference.plans.assemble_plan``. ``rank_in_row``
-    (position of each token among its row's members) is an optional hint for the Triton path."""
-    _check_backend(backend)
-    if backend == "triton":
-        from ..csrc_triton import select as kernels
-
-        return kernels.assemble_plan(rep_of_token, num_rows, rank_in_row)
-    blend = torch.zeros(rep_of_token.shape, dtype=torch.bool, device=rep_of_token.device)
-    plan = ref_plans.assemble_plan(rep_of_token, num_rows, blend)
-    return plan.row_of_token, plan.members, plan.row_start, plan.rep_token
-
-
-@assemble_plan.register_fake
-def _(rep_of_token, num_rows, rank_in_row, backend):
-    batch, num_tokens = rep_of_token.shape
-    new = rep_of_token.new_empty
-    return (new((batch, num_tokens), dtype=torch.int32), new((batch, num_tokens), dtype=torch.int32),
-            new((batch, num_rows + 1), dtype=torch.int32), new((batch, num_rows), dtype=torch.int32))
