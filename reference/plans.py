@@ -69,8 +69,11 @@ def identity_plan(batch: int, num_tokens: int, device) -> PlanTensors:
 
 
 def draw_positions(shape, window_size: int, random_dst: bool, generator: Optional[torch.Generator],
-                   device) -> torch.Tensor:
-    """dst position inside a window: ``torch.randint(K, shape, generator=generator)`` or zeros."""
+                   device, drawn: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """dst position inside a window: ``torch.randint(K, shape, generator=generator)`` or zeros;
+    ``drawn`` (positions drawn beforehand, ``[B, >= shape[-1]]``): its first columns instead."""
+    if drawn is not None:
+        return drawn[..., : shape[-1]].to(device)
     if not random_dst:
         return torch.zeros(shape, dtype=torch.long, device=device)
     draw_device = generator.device if generator is not None else device
@@ -93,7 +96,7 @@ def top_k_lowest_index_first(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def ssm_plan(metric, grid, n_remove, window=(2, 2), li=None, a_s=0.05, score="released",
-             random_dst=False, generator=None) -> PlanTensors:
+             random_dst=False, generator=None, dst_draw=None) -> PlanTensors:
     """Structure-stage plan (SPEC 3.2): collapse the R best-scoring windows to one row each.
 
     ``scores = window_scores(...)``; the ``R = ssm_windows_to_merge(n_remove, K, G)`` windows with
@@ -108,7 +111,7 @@ def ssm_plan(metric, grid, n_remove, window=(2, 2), li=None, a_s=0.05, score="re
     num_selected = ssm_windows_to_merge(n_remove, window_size, num_windows)
     scores = window_scores(metric, grid, window, li=li, a_s=a_s, score=score)
     selected = torch.sort(top_k_lowest_index_first(scores, num_selected), dim=1).values  # [B, R]
-    dst_pos = draw_positions((batch, num_selected), window_size, random_dst, generator, device)
+    dst_pos = draw_positions((batch, num_selected), window_size, random_dst, generator, device, dst_draw)
 
     selected_tokens = tokens[selected]  # [B, R, K]
     dst_token = selected_tokens.gather(2, dst_pos.unsqueeze(-1))  # [B, R, 1]
@@ -147,7 +150,7 @@ def _bipartite_plan(metric, window_tokens, dst_pos, num_merged, token_score=None
     return assemble_plan(rep_of_token, num_tokens - num_merged, blend)
 
 
-def idm_plan(metric, grid, n_remove, window=(2, 2), li=None, random_dst=False, generator=None,
+def idm_plan(metric, grid, n_remove, window=(2, 2), li=None, random_dst=False, generator=None, dst_draw=None,
              cand_score=None) -> PlanTensors:
     """Detail-stage plan (SPEC 3.3, the released "FIDM").
 
@@ -163,13 +166,13 @@ def idm_plan(metric, grid, n_remove, window=(2, 2), li=None, random_dst=False, g
     if li is not None:
         dst_pos = li.to(device)[:, tokens].argmax(dim=-1)  # first maximum
     else:
-        dst_pos = draw_positions((batch, num_windows), window_size, random_dst, generator, device)
+        dst_pos = draw_positions((batch, num_windows), window_size, random_dst, generator, device, dst_draw)
     num_merged = idm_tokens_to_merge(n_remove, metric.shape[1] - num_windows)
     return _bipartite_plan(metric, tokens, dst_pos, num_merged, cand_score)
 
 
 def idm_attention_plan(metric, grid, n_remove, received, window=(2, 2), li=None, a_d=0.05, random_dst=False,
-                       generator=None) -> PlanTensors:
+                       generator=None, dst_draw=None) -> PlanTensors:
     """The paper's inattentiveness-driven IDM (SPEC 7): ``idm_plan`` with the candidates ranked by
     ``P_x = P_ina + a_d * P_fre`` (``reference.attention.idm_attention_score``) instead of their
     best similarity. ``received [B, N]`` is the attention each image token receives from the
@@ -177,7 +180,7 @@ def idm_attention_plan(metric, grid, n_remove, received, window=(2, 2), li=None,
     """
     score = idm_attention_score(received.to(metric.device), li, a_d)
     return idm_plan(metric, grid, n_remove, window=window, li=li, random_dst=random_dst, generator=generator,
-                    cand_score=score)
+                    cand_score=score, dst_draw=dst_draw)
 
 
 def tome_plan(metric, grid, n_remove, window=(2, 2), random_dst=True, generator=None) -> PlanTensors:

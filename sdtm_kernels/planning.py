@@ -58,6 +58,19 @@ def ratio_schedule(step: int, num_steps: int, ratio: float, deviation: float) ->
     return ref_schedule.ratio_schedule(step, num_steps, ratio, deviation)
 
 
+def _check_draw(dst_draw, metric, columns):
+    """``dst_draw``: positions drawn beforehand, an integer ``[B, >= columns]`` tensor (or None)."""
+    if dst_draw is None:
+        return None
+    check_tensor("dst_draw", dst_draw, ndim=2)
+    if dst_draw.dtype.is_floating_point or dst_draw.dtype == torch.bool or dst_draw.is_complex():
+        raise TypeError(f"dst_draw must be an integer tensor, got {dst_draw.dtype}")
+    if dst_draw.shape[0] != metric.shape[0] or dst_draw.shape[1] < columns:
+        raise ValueError(f"dst_draw must have shape [B={metric.shape[0]}, >= {columns}], got {list(dst_draw.shape)}")
+    check_same_device("dst_draw", dst_draw, "metric", metric)
+    return dst_draw[:, :columns]
+
+
 def _common_checks(metric, grid, n_remove, window, li=None, generator=None, random_dst=False):
     check_float_tokens("metric", metric)
     grid, window = check_grid(grid, window, metric.shape[1])
@@ -88,7 +101,7 @@ def _wrap(tensors: ref_plans.PlanTensors, num_tokens: int, li, li_mode) -> Merge
 
 
 def plan_ssm(metric, grid, n_remove, *, window=(2, 2), li=None, a_s=0.05, score="released",
-             random_dst=False, generator=None, backend=None, li_mode="mean") -> MergePlan:
+             random_dst=False, generator=None, backend=None, li_mode="mean", dst_draw=None) -> MergePlan:
     """Structure-stage plan (SSM, SPEC 3.2): collapse the best-scoring windows.
 
     Plain PyTorch meaning, per batch row::
@@ -101,22 +114,27 @@ def plan_ssm(metric, grid, n_remove, *, window=(2, 2), li=None, a_s=0.05, score=
     ``score="paper"`` uses the off-diagonal Gram mean. ``li`` is the ``[B, N]`` frequency
     counter (None: no bonus). ``random_dst`` draws each selected window's dst position
     (``randint(K, (B, R), generator=generator)``), which matters for ``prune`` and ``li``.
-    ``plan.li_next`` is the next counter, ``plan.update_li(li, li_mode)`` (built with the plan).
+    ``dst_draw`` (positions drawn beforehand, ``[B, >= R]``; values in ``[0, K)``) replaces the
+    draw: the k-th selected window takes column k. ``plan.li_next`` is the next counter,
+    ``plan.update_li(li, li_mode)`` (built with the plan).
     """
     grid, window, n_remove = _common_checks(metric, grid, n_remove, window, li, generator, random_dst)
     a_s = check_float("a_s", a_s)
     if score not in SCORE_VARIANTS:
         raise ValueError(f"score must be one of {SCORE_VARIANTS}, got {score!r}")
     li_mode = check_choice("li_mode", li_mode, LI_MODES)
+    num_windows = (grid[0] // window[0]) * (grid[1] // window[1])
+    dst_draw = _check_draw(dst_draw, metric, ref_schedule.ssm_windows_to_merge(n_remove, window[0] * window[1],
+                                                                             num_windows))
     if resolve_backend(backend, metric.device, "plan_ssm") == "triton":
-        return _ssm_triton(metric, grid, n_remove, window, li, a_s, score, random_dst, generator, li_mode)
+        return _ssm_triton(metric, grid, n_remove, window, li, a_s, score, random_dst, generator, li_mode, dst_draw)
     tensors = ref_plans.ssm_plan(metric, grid, n_remove, window=window, li=li, a_s=a_s, score=score,
-                                 random_dst=random_dst, generator=generator)
+                                 random_dst=random_dst, generator=generator, dst_draw=dst_draw)
     return _wrap(tensors, metric.shape[1], li, li_mode)
 
 
 def plan_idm(metric, grid, n_remove, *, window=(2, 2), li=None, random_dst=False, generator=None,
-             backend=None, li_mode="mean") -> MergePlan:
+             backend=None, li_mode="mean", dst_draw=None) -> MergePlan:
     """Detail-stage plan (IDM, the released "FIDM", SPEC 3.3): bipartite merging.
 
     Plain PyTorch meaning, per batch row::
@@ -127,19 +145,21 @@ def plan_idm(metric, grid, n_remove, *, window=(2, 2), li=None, random_dst=False
         r = min(N - G, n_remove) // 16 * 16
         the r candidates with the largest best (ties: lower token) join their dst's row
 
+    ``dst_draw`` (``[B, >= G]``, values in ``[0, K)``) replaces the draw when ``li`` is None.
     ``plan.li_next`` is the next counter, ``plan.update_li(li, li_mode)`` (built with the plan).
     """
     grid, window, n_remove = _common_checks(metric, grid, n_remove, window, li, generator, random_dst)
     li_mode = check_choice("li_mode", li_mode, LI_MODES)
+    dst_draw = _check_draw(dst_draw, metric, (grid[0] // window[0]) * (grid[1] // window[1]))
     if resolve_backend(backend, metric.device, "plan_idm") == "triton":
-        return _idm_triton(metric, grid, n_remove, window, li, random_dst, generator, li_mode)
+        return _idm_triton(metric, grid, n_remove, window, li, random_dst, generator, li_mode, dst_draw=dst_draw)
     tensors = ref_plans.idm_plan(metric, grid, n_remove, window=window, li=li, random_dst=random_dst,
-                                 generator=generator)
+                                 generator=generator, dst_draw=dst_draw)
     return _wrap(tensors, metric.shape[1], li, li_mode)
 
 
 def plan_idm_attention(metric, grid, n_remove, received, *, a_d=0.05, window=(2, 2), li=None, random_dst=False,
-                       generator=None, backend=None, li_mode="mean") -> MergePlan:
+                       generator=None, backend=None, li_mode="mean", dst_draw=None) -> MergePlan:
     """The paper's inattentiveness-driven IDM (SPEC 7): ``plan_idm`` with the candidates ranked by
     ``P_x = P_ina + a_d * P_fre`` instead of their best similarity.
 
@@ -162,11 +182,13 @@ def plan_idm_attention(metric, grid, n_remove, received, *, a_d=0.05, window=(2,
     check_same_device("received", received, "metric", metric)
     a_d = check_float("a_d", a_d)
     li_mode = check_choice("li_mode", li_mode, LI_MODES)
+    dst_draw = _check_draw(dst_draw, metric, (grid[0] // window[0]) * (grid[1] // window[1]))
     score = ref_attention.idm_attention_score(received, li, a_d)  # elementwise, no host sync
     if resolve_backend(backend, metric.device, "plan_idm") == "triton":
-        return _idm_triton(metric, grid, n_remove, window, li, random_dst, generator, li_mode, cand_score=score)
+        return _idm_triton(metric, grid, n_remove, window, li, random_dst, generator, li_mode, cand_score=score,
+                           dst_draw=dst_draw)
     tensors = ref_plans.idm_plan(metric, grid, n_remove, window=window, li=li, random_dst=random_dst,
-                                 generator=generator, cand_score=score)
+                                 generator=generator, cand_score=score, dst_draw=dst_draw)
     return _wrap(tensors, metric.shape[1], li, li_mode)
 
 
@@ -223,7 +245,8 @@ def _triton_plan(outs, num_tokens, num_rows, li_mode) -> MergePlan:
     return plan
 
 
-def _ssm_triton(metric, grid, n_remove, window, li, a_s, score, random_dst, generator, li_mode) -> MergePlan:
+def _ssm_triton(metric, grid, n_remove, window, li, a_s, score, random_dst, generator, li_mode,
+                dst_draw=None) -> MergePlan:
     batch, num_tokens, _ = metric.shape
     window_size = window[0] * window[1]
     num_windows = (grid[0] // window[0]) * (grid[1] // window[1])
@@ -231,8 +254,8 @@ def _ssm_triton(metric, grid, n_remove, window, li, a_s, score, random_dst, gene
     scores = triton_call(lib.window_scores, _scores_launch, metric, li if a_s != 0.0 else None, grid[0], grid[1],
                          window[0], window[1], a_s, score == "paper", "triton")
     rank = triton_call(lib.topk_rank, _topk_launch, scores, num_selected, "triton")  # [B, G]
-    dst_pos = None  # position 0 unless drawn: the k-th draw goes to the k-th selected window
-    if random_dst:
+    dst_pos = dst_draw  # position 0 unless drawn: the k-th draw goes to the k-th selected window
+    if dst_pos is None and random_dst:
         dst_pos = ref_plans.draw_positions((batch, num_selected), window_size, True, generator, metric.device)
     num_rows = num_tokens - (window_size - 1) * num_selected
     outs = triton_call(plan_lib.ssm_plan_build, plan_lib.ssm_plan_launch, rank, dst_pos, li, grid[0], grid[1],
@@ -254,12 +277,13 @@ def _bipartite_triton(metric, grid, window, li, dst_pos, num_merged, li_mode, ca
     return _triton_plan(outs, num_tokens, num_rows, li_mode)
 
 
-def _idm_triton(metric, grid, n_remove, window, li, random_dst, generator, li_mode, cand_score=None) -> MergePlan:
+def _idm_triton(metric, grid, n_remove, window, li, random_dst, generator, li_mode, cand_score=None,
+                dst_draw=None) -> MergePlan:
     batch, num_tokens, _ = metric.shape
     window_size = window[0] * window[1]
     num_windows = (grid[0] // window[0]) * (grid[1] // window[1])
-    dst_pos = None  # from li (first argmax over the window) when given, else drawn, else position 0
-    if li is None and random_dst:
+    dst_pos = None if li is not None else dst_draw  # from li (first argmax) when given, else drawn, else 0
+    if dst_pos is None and li is None and random_dst:
         dst_pos = ref_plans.draw_positions((batch, num_windows), window_size, True, generator, metric.device)
     num_merged = ref_schedule.idm_tokens_to_merge(n_remove, num_tokens - num_windows)
     return _bipartite_triton(metric, grid, window, li, dst_pos, num_merged, li_mode, cand_score)

@@ -388,3 +388,23 @@ def test_draws_are_shared_with_reference(device):
     sk.plan_ssm(x, (8, 8), 48, random_dst=True, generator=gens[0], backend="triton")
     ref_plans.ssm_plan(x, (8, 8), 48, random_dst=True, generator=gens[1])
     assert torch.equal(torch.randint(100, (5,), generator=gens[0]), torch.randint(100, (5,), generator=gens[1]))
+
+
+def test_positions_drawn_beforehand(device):
+    # dst_draw replaces the planner's own draw, on both backends: the k-th selected window takes
+    # column k (SSM), window g column g (IDM without li); extra columns are ignored.
+    x = random_tokens(2, 64, 16, torch.float32, device, seed=43)
+    draw = torch.randint(0, 4, (2, 16), generator=torch.Generator().manual_seed(3)).to(device)
+    for builder, n_remove in ((sk.plan_ssm, 48), (sk.plan_idm, 32)):
+        plans = [builder(x, (8, 8), n_remove, random_dst=True, dst_draw=draw, backend=b) for b in ("triton", "reference")]
+        assert_same_plan(*plans)
+    ssm = sk.plan_ssm(x, (8, 8), 48, dst_draw=draw, backend="reference")
+    tokens = window_token_index((8, 8), (2, 2))
+    for b in range(2):
+        selected = [g for g in range(16) if ssm.blend[b, tokens[g, 0]]]
+        reps = {int(ssm.rep_token[b, ssm.row_of_token[b, tokens[g, 0]]]) for g in selected}
+        assert reps == {int(tokens[g, int(draw[b, k])]) for k, g in enumerate(selected)}
+    with pytest.raises(ValueError, match="dst_draw"):
+        sk.plan_ssm(x, (8, 8), 48, dst_draw=draw[:, :3])
+    with pytest.raises(TypeError, match="dst_draw"):
+        sk.plan_idm(x, (8, 8), 32, dst_draw=draw.float())

@@ -167,7 +167,7 @@ def block_context(state: Optional[SDTMState], layer: int, metric: torch.Tensor, 
         if statistic.shape[0] != source.shape[0]:
             statistic = statistic.mean(dim=0, keepdim=True)
     with _autocast_off(source.device):
-        plan = state.build_plan(source, mode, batch, received=statistic)
+        plan = state.build_plan(source, mode, batch, received=statistic, layer=layer)
     ctx = BlockContext(state, layer, mode, plan, num_tokens=num_tokens)
     if statistic is not None and state.keep_plans:
         ctx.record["received"] = statistic

@@ -74,6 +74,8 @@ class SDTMState:
         self.active = False
         self.li = {}
         self.cache = {}
+        self._rotary = None
+        self._draws = None
         self.generator = None
         self.generations = getattr(self, "generations", -1) + 1
         self.stats = []
@@ -187,7 +189,7 @@ class SDTMState:
         rho = ratio_schedule(step, self.num_steps, cfg.ratio, cfg.deviation)
         return int(math.floor(num_tokens * rho))
 
-    def build_plan(self, metric: torch.Tensor, mode: str, batch: int, received=None):
+    def build_plan(self, metric: torch.Tensor, mode: str, batch: int, received=None, layer: int = 0):
         """Plan for one block from its attention-input ``metric`` ``[b, N, C]`` (b = batch, or
         1 for a plan shared by the batch); updates ``li``. ``received [b, N]`` (IDM with
         ``idm_score="attention"``): attention each image token receives from the prompt."""
@@ -201,8 +203,10 @@ class SDTMState:
         plan_li = None if li is None else li[: metric.shape[0]]
         random_dst = cfg.random_dst and batch % 2 == 0
         n_remove = self.n_remove(metric.shape[1])
+        needs_draw = random_dst and (mode == "ssm" or plan_li is None)  # IDM with li: dsts from li
+        draw = self._step_draws(metric, layer) if needs_draw else None
         common = dict(window=cfg.window, li=plan_li, random_dst=random_dst, generator=self.generator,
-                      backend=cfg.backend, li_mode=cfg.merge_mode)
+                      backend=cfg.backend, li_mode=cfg.merge_mode, dst_draw=draw)
         if mode == "ssm":
             plan = plan_ssm(metric, self.grid, n_remove, a_s=cfg.a_s, **common)
         elif received is not None:
@@ -215,6 +219,29 @@ class SDTMState:
             li_next = li_next.expand(batch, -1)
         self.li[self.call] = li_next
         return plan
+
+    def _step_draws(self, metric, layer: int):
+        """Layer ``layer``'s random dst positions ``[b, G]``: one ``randint(K, (layers, b, G))`` draw
+        per step and call, row ``layer`` for that layer (one launch per step instead of one per
+        block; the planners take the first columns they need)."""
+        height, width = self.grid
+        window = self.config.window
+        shape = (max(self.num_layers, 1), metric.shape[0], (height // window[0]) * (width // window[1]))
+        key = (self.step, self.call, shape, metric.device)
+        if self._draws is None or self._draws[0] != key:
+            draws = torch.randint(window[0] * window[1], shape, generator=self.generator,
+                                  device=self.generator.device).to(metric.device)
+            self._draws = (key, draws)
+        draws = self._draws[1]
+        return draws[min(layer, draws.shape[0] - 1)]
+
+    def stacked_rotary(self, rotary):
+        """``torch.stack(rotary)`` (Flux's ``(cos, sin)`` table), computed once per transformer call
+        and reused by every block of the call (the blocks receive the same tensors)."""
+        key = (self.step, self.call, tuple(id(t) for t in rotary))
+        if self._rotary is None or self._rotary[0] != key:
+            self._rotary = (key, torch.stack(rotary))
+        return self._rotary[1]
 
     def reset_li(self):
         self.li.pop(self.call, None)
