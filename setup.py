@@ -40,13 +40,15 @@ setup(
         # diffusers (light: huggingface_hub, safetensors, Pillow, ...) for the DiT wrapper tests, which
         # build tiny random models from configs; transformers, torchmetrics and matplotlib for the
         # quality command's end-to-end test (tiny text encoders, PSNR/SSIM, the plot).
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "diffusers>=0.30", "transformers>=4.40",
-                 "torchmetrics>=1.4", "matplotlib"],
+        # diffusers >= 0.33: SDTM runs as diffusers hooks; peft and accelerate for the composition
+        # tests (LoRA adapters, model CPU offload).
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "diffusers>=0.33", "transformers>=4.40",
+                 "torchmetrics>=1.4", "matplotlib", "peft", "accelerate"],
         "bench": ["pytest-benchmark>=4", "matplotlib"],
-        "diffusers": ["diffusers>=0.30", "transformers", "accelerate"],
+        "diffusers": ["diffusers>=0.33", "transformers", "accelerate"],
         # python -m sdtm_kernels quality; no torchvision (LPIPS needs it, but PyPI's wheel can pull
         # another torch build: install it yourself next to your torch to get LPIPS)
-        "quality": ["diffusers>=0.30", "transformers>=4.40", "torchmetrics>=1.4", "matplotlib"],
+        "quality": ["diffusers>=0.33", "transformers>=4.40", "torchmetrics>=1.4", "matplotlib"],
     },
     entry_points={"console_scripts": [
         "sdtm-kernels=sdtm_kernels.cli:main",

@@ -32,7 +32,7 @@ from .planning import plan_idm, plan_idm_attention, plan_ssm, plan_tome, ratio_s
 __version__ = "0.1.0"
 
 # The DiT wrapper is loaded on first use so that ``import sdtm_kernels`` stays light.
-_LAZY_DIT = ("apply_sdtm", "remove_sdtm", "SDTMConfig", "PRESETS")
+_LAZY_DIT = ("apply_sdtm", "remove_sdtm", "summary", "SDTMConfig", "PRESETS")
 
 
 def __getattr__(name):
@@ -55,5 +55,6 @@ __all__ = [
     "plan_tome",
     "ratio_schedule",
     "remove_sdtm",
+    "summary",
     "__version__",
 ]

@@ -206,8 +206,10 @@ def roundtrip(obj, how):
     return copy.deepcopy(obj)
 
 
-def patched_classes(model):
-    return [type(m) for m in model.modules() if type(m).__name__.startswith("SDTM")]
+def patched_blocks(model):
+    """(class, layer) of the blocks with an SDTM hook (HookRegistry name "sdtm"); classes unchanged."""
+    return [(type(m), m._diffusers_hook.hooks["sdtm"].layer) for m in model.modules()
+            if hasattr(m, "_sdtm_layer") and "sdtm" in getattr(getattr(m, "_diffusers_hook", None), "hooks", {})]
 
 
 def runner(name):
@@ -244,17 +246,18 @@ def test_patched_model_pickles(name, how):
     loaded = roundtrip(model, how)
     reset_sdtm(model)
     expected = run(model, TIMESTEPS[:3])
-    assert patched_classes(loaded) == patched_classes(model) and patched_classes(model)
+    assert patched_blocks(loaded) == patched_blocks(model) and patched_blocks(model)
+    assert not any(cls.__name__.startswith("SDTM") for cls, _ in patched_blocks(loaded))
     state = get_state(loaded)
     assert state is not get_state(model) and state.config == get_state(model).config and state.step == -1
-    assert all(m._sdtm_state is state for m in loaded.modules() if type(m).__name__.startswith("SDTM"))
+    assert all(m._sdtm_state is state for m in loaded.modules() if hasattr(m, "_sdtm_layer"))
     got = run(loaded, TIMESTEPS[:3])
     assert [r["mode"] for r in state.stats if r["layer"] == 0] == ["protected", "ssm", "idm"]
     for a, b in zip(expected, got):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
     sk.remove_sdtm(loaded)
-    assert not patched_classes(loaded) and get_state(loaded) is None
-    assert not loaded._forward_pre_hooks and not loaded._forward_hooks
+    assert not patched_blocks(loaded) and get_state(loaded) is None
+    assert not any(hasattr(m, "_diffusers_hook") or "forward" in vars(m) for m in loaded.modules())
 
 
 @pytest.mark.parametrize("how", ["pickle", "deepcopy"])

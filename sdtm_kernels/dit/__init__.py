@@ -4,13 +4,16 @@ blocks. Importing this package does not import diffusers (only ``apply_sdtm`` lo
 
 Modules: ``config`` (SDTMConfig, PRESETS), ``state`` (SDTMState: steps, schedule, li, cache,
 statistics), ``core`` (per-block decisions, merged sub-layers), ``generic`` (user blocks),
-``basic`` / ``sd3`` / ``flux`` (diffusers block forwards), ``patch`` (apply/remove).
+``basic`` / ``sd3`` / ``flux`` (diffusers block forwards), ``patch`` (apply/remove),
+``hooks`` (the diffusers hooks ``apply_sdtm`` registers; imports diffusers), ``summarize``
+(``summary``: what is patched and what the last generation did), ``adapters`` (LoRA weights).
 """
 from .config import PRESETS, SDTMConfig
 from .core import BlockContext, block_context, run_merged
 from .generic import SDTMBlockWrapper, attach_state, modulate, unwrap_dit_blocks, wrap_dit_blocks
 from .patch import apply_sdtm, get_state, remove_sdtm, reset_sdtm
 from .state import SDTMState
+from .summarize import Summary, summary
 
 __all__ = [
     "PRESETS",
@@ -18,6 +21,7 @@ __all__ = [
     "SDTMBlockWrapper",
     "SDTMConfig",
     "SDTMState",
+    "Summary",
     "apply_sdtm",
     "attach_state",
     "block_context",
@@ -26,6 +30,7 @@ __all__ = [
     "remove_sdtm",
     "reset_sdtm",
     "run_merged",
+    "summary",
     "unwrap_dit_blocks",
     "wrap_dit_blocks",
 ]

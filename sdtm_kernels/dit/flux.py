@@ -14,6 +14,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from .adapters import linear_weights
 from .core import block_context
 from .joint_attention import JointAttention, _check_kwargs, prompt_key_bias
 from .sd3 import uses_own_attention
@@ -32,9 +33,11 @@ def gather_rotary(ctx, sublayer, image_rotary_emb, text_len):
     if (isinstance(image_rotary_emb, (tuple, list)) and len(image_rotary_emb) == 2
             and all(isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == text_len + num_tokens
                     for t in image_rotary_emb)):
-        rep = ctx.plan.rep_token[0].long() + text_len  # shared plan: every row of rep_token is the same
-        index = torch.cat([torch.arange(text_len, device=rep.device), rep])
-        return tuple(t.index_select(0, index.to(t.device)) for t in image_rotary_emb)
+        rep = ctx.plan.rep_token[0]  # shared plan: every row of rep_token is the same (int32 indexes too)
+        # cos and sin in one gather: [text entries, representative entries] (two launches per block)
+        table = ctx.state.stacked_rotary(image_rotary_emb)  # [2, T + N, D], stacked once per call
+        rows = torch.cat([table[:, :text_len], table[:, text_len:].index_select(1, rep.to(table.device))], dim=1)
+        return rows[0], rows[1]
     import diffusers
 
     raise RuntimeError(
@@ -121,7 +124,7 @@ def _single(self, hidden_states, text_len, temb, image_rotary_emb, joint_attenti
                               backend=state.config.backend)
     ctx = block_context(state, self._sdtm_layer, image_norm, shared=True,
                         received=None if full is None else full.received)
-    weight, bias = self.proj_out.weight, self.proj_out.bias
+    weight, bias = linear_weights(self.proj_out)  # LoRA on proj_out included (PEFT, unfused)
     attn_dim = weight.shape[1] - self.mlp_hidden_dim
     gate_b = gate.unsqueeze(1)
 

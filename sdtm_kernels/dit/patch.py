@@ -1,34 +1,50 @@
-"""``apply_sdtm`` / ``remove_sdtm`` for diffusers pipelines and transformers.
+"""``apply_sdtm`` / ``remove_sdtm`` for diffusers pipelines and transformers (diffusers >= 0.33).
 
-Blocks are patched by a class swap (as tomesd does): ``block.__class__`` becomes a subclass
-of its class whose ``forward`` is the SDTM forward of that model family; the original class
-is remembered and restored by ``remove_sdtm``. The transformer gets a forward pre-hook that
-reads the timestep and the token grid of each call (``SDTMState.begin_call``) and a forward
-hook that closes the call. A patched pipeline's class is swapped too, so that every
-``pipe(...)`` call starts a new generation and counts its steps in scheduler steps: for the
-duration of the call the pipeline's ``scheduler.step`` is wrapped by a counter
-(``_SchedulerSteps``) and the step count is the number of scheduler steps the pipeline really
-runs (``pipe._num_timesteps``, else ``len(scheduler.timesteps) - scheduler.begin_index``,
-divided by ``scheduler.order``), read at the first transformer call; before that the call's
-``num_inference_steps`` (bound by ``inspect.signature``; ``len(timesteps)`` /
-``len(sigmas)`` when custom schedules are passed) stands in. Applying twice reconfigures
-(only the options passed change); removing twice does nothing. The generated classes pickle
-as their original classes and are re-created on load, so a patched model or pipeline survives
-``pickle`` / ``torch.save`` / ``copy.deepcopy`` (the settings travel, the generation state
-does not).
+SDTM runs as diffusers hooks (``sdtm_kernels.dit.hooks``), all named ``"sdtm"``: one
+``SDTMBlockHook`` per supported block (its ``new_forward`` is the family's SDTM forward; the
+block's class is unchanged) and one ``SDTMTransformerHook`` on the transformer that reads the
+timestep and the token grid of each call (``SDTMState.begin_call``) and closes the call. The
+hooks sit at the bottom of each module's wrapper chain, beneath hooks registered earlier (group
+offloading, a cache applied first, accelerate's offload hooks), so those keep running around
+SDTM's forward; hooks registered later wrap SDTM's. The state lives in the transformer hook
+(``get_state``); the blocks' ``_sdtm_state`` / ``_sdtm_layer`` attributes point the family
+forwards to it. ``remove_sdtm`` takes every SDTM hook and attribute out again (the output is
+then the unpatched model's, bit for bit).
+
+Generations. A patched pipeline's class is swapped for a subclass of the same name whose
+``__call__`` starts a new generation at every ``pipe(...)`` call and counts its steps in
+scheduler steps (a class swap because Python looks ``__call__`` up on the type; it touches no
+module, so model hooks are unaffected; wrapping ``scheduler.set_timesteps`` instead would be lost
+whenever ``pipe.scheduler`` is replaced, the usual way to change schedulers): for the duration of
+the call the pipeline's ``scheduler.step`` is wrapped by a counter (``_SchedulerSteps``) and the
+step count is the number of scheduler steps the pipeline really runs (``pipe._num_timesteps``,
+else ``len(scheduler.timesteps) - scheduler.begin_index``, divided by ``scheduler.order``), read
+at the first transformer call; before that the call's ``num_inference_steps`` (bound by
+``inspect.signature``; ``len(timesteps)`` / ``len(sigmas)`` when custom schedules are passed)
+stands in. The pipeline call also resets the transformer's other stateful diffusers hooks
+(cache hooks) when the transformer has no ``CacheMixin`` (SD3, PixArt: their pipelines never
+reset them), so SDTM and a cache hook start each generation together. The transformer hook is
+itself stateful: diffusers' ``_reset_stateful_cache()`` (``pipe.maybe_free_model_hooks()`` after
+every call of a ``CacheMixin`` model, e.g. Flux) makes the next call start a new generation.
+Bare transformers: ``reset_sdtm``, ``_reset_stateful_cache()`` or the timestep rules of
+``SDTMState``.
+
+Applying twice reconfigures (only the options passed change); removing twice does nothing.
+A patched model pickles with its hooks (``pickle`` / ``torch.save`` / ``copy.deepcopy``: the
+settings travel, the generation state does not); the pipeline's generated class pickles as its
+original class and is re-created on load.
 """
 import copyreg
 import functools
 import inspect
 import pickle
-import warnings
 
 import torch
 
 from .config import DEFAULT_PRESET, OPTION_NAMES, make_config
 from .state import SDTMState
 
-_SUBCLASSES = {}
+MIN_DIFFUSERS = "0.33"
 _PIPELINE_SUBCLASSES = {}
 
 
@@ -40,8 +56,6 @@ def _family(block):
     except ImportError:
         return None
     cls = type(block)
-    if getattr(cls, "_sdtm_original_class", None) is not None:
-        cls = cls._sdtm_original_class
     for module_name, class_name, loader in _FAMILIES:
         base = _load(module_name, class_name)
         if base is not None and isinstance(block, base) and cls.forward is base.forward:
@@ -90,51 +104,32 @@ _FAMILIES = (
 )
 
 
-def make_sdtm_subclass(cls, forward):
-    """``cls`` with ``forward`` replaced (cached, so re-patching reuses the class). Instances
-    pickle by reference to ``cls`` and ``forward`` (both must be importable)."""
-    key = (cls, forward)
-    if key not in _SUBCLASSES:
-        _SUBCLASSES[key] = type(f"SDTM{cls.__name__}", (cls,), {
-            "forward": forward, "_sdtm_original_class": cls, "__reduce_ex__": _reduce_patched_block})
-    return _SUBCLASSES[key]
+def _hooks():
+    """``sdtm_kernels.dit.hooks`` (imports diffusers.hooks: diffusers >= 0.33)."""
+    try:
+        from . import hooks
+    except ImportError as error:
+        try:
+            import diffusers
 
-
-def _reduce_generated(obj, protocol, rebuild, args):
-    """``object.__reduce_ex__`` with the generated class replaced by ``rebuild(*args)``."""
-    reduced = object.__reduce_ex__(obj, max(protocol, 2))
-    if reduced[0] is not copyreg.__newobj__ or reduced[1][0] is not type(obj):
-        raise pickle.PicklingError(
-            f"SDTM cannot pickle this patched {type(obj)._sdtm_original_class.__name__}: call "
-            "sdtm_kernels.dit.remove_sdtm(...) before pickling and apply_sdtm(...) again after loading")
-    return (rebuild, tuple(args) + tuple(reduced[1][1:])) + tuple(reduced[2:])
-
-
-def _reduce_patched_block(self, protocol):
-    cls = type(self)
-    return _reduce_generated(self, protocol, _new_patched_block, (cls._sdtm_original_class, cls.forward))
-
-
-def _new_patched_block(original, forward, *args):
-    """Unpickling: a new instance of the SDTM subclass of ``original`` (state set by pickle)."""
-    cls = make_sdtm_subclass(original, forward)
-    return cls.__new__(cls, *args)
+            version = diffusers.__version__
+        except ImportError:
+            version = None
+        if version is None:
+            raise ImportError("apply_sdtm needs diffusers (pip install 'sdtm_kernels[diffusers]'); for your "
+                              "own DiT blocks use sdtm_kernels.dit.SDTMBlockWrapper") from error
+        raise ImportError(f"apply_sdtm needs diffusers >= {MIN_DIFFUSERS} (diffusers.hooks); this is diffusers "
+                          f"{version}: pip install -U 'diffusers>={MIN_DIFFUSERS}'") from error
+    return hooks
 
 
 # -- the transformer call ----------------------------------------------------------------------
-def _bound_arguments(model, args, kwargs):
-    forward = model._sdtm_original_forward_signature
-    bound = forward.bind_partial(model, *args, **kwargs)
-    return bound.arguments
-
-
-def _token_grid(model, arguments):
+def _token_grid(state, model, arguments):
     """(H, W) of the image token grid from the call's inputs, or None when unknown."""
     img_ids = arguments.get("img_ids")
     if img_ids is not None:  # Flux: ids[:, 1] = row, ids[:, 2] = column (raster order)
         ids = img_ids[0] if img_ids.dim() == 3 else img_ids
         key = (ids.data_ptr(), tuple(ids.shape), ids.device, getattr(ids, "_version", 0))
-        state = model._sdtm_state
         cached = state.grid_cache
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -154,24 +149,18 @@ def _token_grid(model, arguments):
     return None
 
 
-def _pre_hook(model, args, kwargs):
-    state = model._sdtm_state
-    arguments = _bound_arguments(model, args, kwargs)
-    encoder = arguments.get("encoder_hidden_states")
-    text_len = encoder.shape[1] if isinstance(encoder, torch.Tensor) and encoder.dim() == 3 else None
-    grid = _token_grid(model, arguments)
-    if grid is None and not getattr(model, "_sdtm_warned_grid", False):
-        model._sdtm_warned_grid = True
-        warnings.warn(f"SDTM: cannot read the image token grid from this {type(model).__name__} call "
-                      "(expected a [B, C, H, W] latent with config.patch_size, or Flux img_ids on one raster "
-                      "grid); such calls run without merging", RuntimeWarning, stacklevel=2)
-    state.begin_call(arguments.get("timestep"), grid, text_len=text_len)
-    return None
+def _patched_blocks(model):
+    hooks = _hooks()
+    return [m for m in model.modules() if isinstance(hooks.block_hook(m), hooks.SDTMBlockHook)]
 
 
-def _post_hook(model, args, kwargs, output):
-    model._sdtm_state.end_call()
-    return None
+def _check_model(model):
+    """Run by the transformer hook at the first call of each generation: combinations that were
+    set up after ``apply_sdtm`` (e.g. a TaylorSeer cache on the attention modules) raise here."""
+    hooks = _hooks()
+    hook = hooks.block_hook(model)
+    if hook is not None:
+        hooks.check_combinations(model, _patched_blocks(model), hook.state.config)
 
 
 # -- pipelines ---------------------------------------------------------------------------------
@@ -238,10 +227,11 @@ _MISSING = object()
 
 def _pipeline_call(self, *args, **kwargs):
     original = type(self)._sdtm_original_class
-    transformer = self.transformer
-    state = getattr(transformer, "_sdtm_state", None)
-    if state is None:
+    transformer = _unwrap(getattr(self, "transformer", None))
+    hook = None if transformer is None else _transformer_hook(transformer)
+    if hook is None:
         return original.__call__(self, *args, **kwargs)
+    state = hook.state
     arguments = inspect.signature(original.__call__).bind(self, *args, **kwargs)
     arguments.apply_defaults()
     values = arguments.arguments
@@ -252,6 +242,12 @@ def _pipeline_call(self, *args, **kwargs):
             break
     if num_steps is None:
         num_steps = values.get("num_inference_steps")
+    if not hasattr(transformer, "_reset_stateful_cache"):
+        # no CacheMixin (SD3, PixArt): the pipeline never resets the cache hooks; start them with SDTM
+        registry = getattr(transformer, "_diffusers_hook", None)
+        if registry is not None:
+            registry.reset_stateful_hooks(recurse=True)
+    hook.pending_reset = False
     state.reset(num_steps=num_steps if num_steps is not None else state.num_steps)
     driver = _SchedulerSteps.attach(self)
     previous, state.driver = state.driver, driver
@@ -274,6 +270,16 @@ def _pipeline_subclass(cls):
     return _PIPELINE_SUBCLASSES[cls]
 
 
+def _reduce_generated(obj, protocol, rebuild, args):
+    """``object.__reduce_ex__`` with the generated class replaced by ``rebuild(*args)``."""
+    reduced = object.__reduce_ex__(obj, max(protocol, 2))
+    if reduced[0] is not copyreg.__newobj__ or reduced[1][0] is not type(obj):
+        raise pickle.PicklingError(
+            f"SDTM cannot pickle this patched {type(obj)._sdtm_original_class.__name__}: call "
+            "sdtm_kernels.dit.remove_sdtm(...) before pickling and apply_sdtm(...) again after loading")
+    return (rebuild, tuple(args) + tuple(reduced[1][1:])) + tuple(reduced[2:])
+
+
 def _reduce_patched_pipeline(self, protocol):
     return _reduce_generated(self, protocol, _new_patched_pipeline, (type(self)._sdtm_original_class,))
 
@@ -284,16 +290,31 @@ def _new_patched_pipeline(original, *args):
 
 
 # -- public ------------------------------------------------------------------------------------
+def _unwrap(module):
+    """The module under ``torch.compile(module)`` (an ``OptimizedModule``'s ``_orig_mod``)."""
+    while isinstance(module, torch.nn.Module) and isinstance(getattr(module, "_orig_mod", None), torch.nn.Module):
+        module = module._orig_mod
+    return module
+
+
 def _split(pipe_or_model):
     if isinstance(pipe_or_model, torch.nn.Module):
-        return None, pipe_or_model
+        return None, _unwrap(pipe_or_model)
     transformer = getattr(pipe_or_model, "transformer", None)
     if isinstance(transformer, torch.nn.Module):
-        return pipe_or_model, transformer
+        return pipe_or_model, _unwrap(transformer)
     raise TypeError(
         "apply_sdtm expects a diffusers pipeline with a .transformer or a transformer module, "
         f"got {type(pipe_or_model).__name__}"
     )
+
+
+def _transformer_hook(model):
+    registry = getattr(model, "_diffusers_hook", None)
+    hook = None if registry is None else registry.hooks.get("sdtm")
+    if hook is None or not hasattr(hook, "pending_reset"):
+        return None
+    return hook
 
 
 class _Unset:
@@ -339,7 +360,8 @@ def apply_sdtm(pipe_or_model, *, preset=_UNSET, ratio=_UNSET, deviation=_UNSET, 
     assert set(given) == set(OPTION_NAMES)
     explicit = {name: value for name, value in given.items() if value is not _UNSET}
     pipe, model = _split(pipe_or_model)
-    state = getattr(model, "_sdtm_state", None)
+    hook = _transformer_hook(model)
+    state = None if hook is None else hook.state
     previous = getattr(state, "request", None)
     if preset is not _UNSET or previous is None:
         request = (DEFAULT_PRESET if preset is _UNSET or preset is None else preset, explicit)
@@ -359,25 +381,32 @@ def apply_sdtm(pipe_or_model, *, preset=_UNSET, ratio=_UNSET, deviation=_UNSET, 
             "FluxSingleTransformerBlock); for your own DiT blocks use sdtm_kernels.dit.SDTMBlockWrapper"
         )
     _check_joint_attention(config, model, blocks)
-    if state is None:
-        state = SDTMState(config, num_layers=len(blocks))
-        model._sdtm_state = state
-        model._sdtm_original_forward_signature = inspect.signature(type(model).forward)
-        model._sdtm_hooks = (
-            model.register_forward_pre_hook(_pre_hook, with_kwargs=True),
-            model.register_forward_hook(_post_hook, with_kwargs=True),
-        )
-    else:
-        state.config = config
-        state.num_layers = len(blocks)
-    state.request = request
-    state.num_steps = config.num_steps
-    state.reset()
-    for layer, (block, forward) in enumerate(blocks):
-        original = getattr(type(block), "_sdtm_original_class", type(block))
-        block.__class__ = make_sdtm_subclass(original, forward)
-        block._sdtm_state = state
-        block._sdtm_layer = layer
+    hooks = _hooks()
+    hooks.check_combinations(model, [block for block, _ in blocks], config)
+    fresh = hook is None
+    try:
+        if fresh:
+            state = SDTMState(config, num_layers=len(blocks))
+            hooks.insert_innermost(model, hooks.SDTMTransformerHook(state, check=_check_model))
+        else:
+            state.config = config
+            state.num_layers = len(blocks)
+        state.request = request
+        state.num_steps = config.num_steps
+        state.reset()
+        for layer, (block, forward) in enumerate(blocks):
+            block_hook = hooks.block_hook(block)
+            if block_hook is None:
+                hooks.insert_innermost(block, hooks.SDTMBlockHook(forward, layer))
+            else:
+                block_hook.forward, block_hook.layer = forward, layer
+            block._sdtm_state = state
+            block._sdtm_layer = layer
+    except BaseException:
+        if fresh:
+            remove_sdtm(model)
+        raise
+    hooks.invalidate_tree(model)
     if pipe is not None and getattr(type(pipe), "_sdtm_original_class", None) is None:
         pipe.__class__ = _pipeline_subclass(type(pipe))
     return pipe_or_model
@@ -403,30 +432,34 @@ def _check_joint_attention(config, model, blocks):
 
 
 def remove_sdtm(pipe_or_model):
-    """Undo ``apply_sdtm``: original block and pipeline classes, hooks and state removed.
+    """Undo ``apply_sdtm``: every SDTM hook (``HookRegistry`` name ``"sdtm"``) and attribute
+    removed, the pipeline's class restored. Hooks of other methods stay (and keep working).
     Harmless on an unpatched object."""
     pipe, model = _split(pipe_or_model)
     if pipe is not None:
         original = getattr(type(pipe), "_sdtm_original_class", None)
         if original is not None:
             pipe.__class__ = original
-    for block in model.modules():
-        original = getattr(type(block), "_sdtm_original_class", None)
-        if original is not None:
-            block.__class__ = original
+    if not any(getattr(getattr(m, "_diffusers_hook", None), "hooks", {}).get("sdtm") is not None
+               or "_sdtm_state" in vars(m) for m in model.modules()):
+        return pipe_or_model
+    hooks = _hooks()
+    for module in model.modules():
+        hooks.remove_innermost(module)
         for name in ("_sdtm_state", "_sdtm_layer"):
-            block.__dict__.pop(name, None)
-    for handle in model.__dict__.pop("_sdtm_hooks", ()):
-        handle.remove()
-    for name in ("_sdtm_state", "_sdtm_original_forward_signature", "_sdtm_grid_cache", "_sdtm_warned_grid"):
-        model.__dict__.pop(name, None)
+            module.__dict__.pop(name, None)
+    registry = getattr(model, "_diffusers_hook", None)
+    if registry is not None:  # anything named "sdtm" that was registered some other way
+        registry.remove_hook(hooks.HOOK_NAME, recurse=True)
+    hooks.invalidate_tree(model)
     return pipe_or_model
 
 
 def get_state(pipe_or_model):
     """The ``SDTMState`` of a patched pipeline or transformer (None when unpatched)."""
     _, model = _split(pipe_or_model)
-    return getattr(model, "_sdtm_state", None)
+    hook = _transformer_hook(model)
+    return None if hook is None else hook.state
 
 
 def reset_sdtm(pipe_or_model, num_steps=None):
