@@ -17,10 +17,14 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def gather_rows(src: torch.Tensor, index: torch.Tensor, trusted: bool = False) -> torch.Tensor:
     """``src[b, index[b, t]]`` for ``src [B, M, C]``, ``index [B, N]``; zeros where the index is
-    outside ``[0, M)``."""
+    outside ``[0, M)``. ``trusted``: the indices come from a checked plan, so the masking pass over
+    ``[B, N, C]`` is skipped (indices are still clamped, so nothing is read out of bounds)."""
     num_rows, channels = src.shape[1], src.shape[2]
+    if trusted and num_rows > 0:
+        safe = index.long().clamp(0, num_rows - 1)
+        return src.gather(1, safe.unsqueeze(-1).expand(-1, -1, channels))
     index = index.long()
     valid = (index >= 0) & (index < num_rows)
     safe = torch.where(valid, index, 0)
@@ -97,7 +101,7 @@ def prune(x: torch.Tensor, rep_token: torch.Tensor) -> torch.Tensor:
 
 
 def unmerge(y, row_of_token, residual=None, gate=None, cache=None, blend=None, mcw=1.0,
-            gate_first=False) -> torch.Tensor:
+            gate_first=False, trusted=False) -> torch.Tensor:
     """Copy merged rows back to tokens, with the optional DiT epilogue.
 
     ``v = y[b, row_of_token[b, t]]`` (0 for a row outside ``[0, M)``); where ``blend`` and a ``cache`` are given,
@@ -106,7 +110,7 @@ def unmerge(y, row_of_token, residual=None, gate=None, cache=None, blend=None, m
     ``v`` before the blend (the cache holds gated values, as in the release).
     """
     compute = _compute_dtype(y.dtype)
-    value = gather_rows(y.to(compute), row_of_token)
+    value = gather_rows(y.to(compute), row_of_token, trusted=trusted)
     if gate is not None and gate_first:
         value = gate.to(compute).unsqueeze(1) * value
     if cache is not None:

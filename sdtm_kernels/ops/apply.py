@@ -177,8 +177,8 @@ def _check_plan_input(x, index):
 def plan_merge(x, row_of_token, members, row_start, num_rows: int, backend: str):
     """``merge`` for a trusted plan (resolved ``backend``; only ``x`` is checked)."""
     _check_plan_input(x, row_of_token)
-    if backend == "reference":
-        return ref.segment_mean(x, members, row_start)
+    if backend == "reference":  # a consistent plan: one scatter by row (members / row_start agree)
+        return ref.merge_mean(x, row_of_token, num_rows)
     if _direct(x):
         return _merge_kernels().merge_mean(x, members, row_start)
     return torch.ops.sdtm.merge(x, row_of_token, members, row_start, num_rows, backend)
@@ -201,7 +201,7 @@ def plan_unmerge(y, row_of_token, residual, gate, cache, blend, mcw, gate_first,
     mcw = _check_unmerge_args(y, row_of_token, residual, gate, cache, None, mcw, check_values=False)
     if backend == "reference":
         return ref.unmerge(y, row_of_token, residual=residual, gate=gate, cache=cache, blend=blend, mcw=mcw,
-                           gate_first=gate_first)
+                           gate_first=gate_first, trusted=True)
     if _direct(y, residual, gate, cache):
         return _merge_kernels().unmerge(y, row_of_token, residual=residual, gate=gate, cache=cache, blend=blend,
                                         mcw=mcw, gate_first=gate_first)
