@@ -65,12 +65,12 @@ times and tokens per step; only when matplotlib is installed). ``--pipeline ID_O
 loads a real diffusers pipeline with ``from_pretrained`` instead and also saves baseline and
 SDTM images side by side with their difference.
 """
-from .common import DEFAULT_OUT, GUIDANCE, PRESETS_RUN, VAE_FACTOR, BenchError, prepare_environment
+from .common import DEFAULT_OUT, GUIDANCE, PRESETS_RUN, VAE_FACTOR, BenchError, prepare_environment, resolve_device_dtype
 from .flops import SIZES, block_flops, call_overhead_flops, default_spec, make_spec, schedule_flops, tokens_per_step
 from .models import BenchModel, have_diffusers
 from .timing import BookkeepingTimer, Progress, TimedSDTMState, rel_l2, sample, sample_steps
 from .report import COLUMNS, device_name, environment, markdown_table, plot, summary_lines, text_table, write_outputs
-from .suite import kernel_check, resolved_backend, run_suite
+from .suite import kernel_check, resolved_backend, run_suite, spec_from_args
 from .pipeline import load_pipeline, run_pipeline, side_by_side
 from .command import _check_args, add_arguments, main, run_args  # noqa: F401 - _check_args: used by tests
 
@@ -78,7 +78,8 @@ __all__ = [
     "BenchError", "BenchModel", "BookkeepingTimer", "COLUMNS", "DEFAULT_OUT", "GUIDANCE", "PRESETS_RUN", "Progress",
     "SIZES", "TimedSDTMState", "VAE_FACTOR", "add_arguments", "block_flops", "call_overhead_flops", "default_spec",
     "device_name", "environment", "have_diffusers", "kernel_check", "load_pipeline", "main", "make_spec",
-    "markdown_table", "plot", "prepare_environment", "rel_l2", "resolved_backend", "run_args", "run_pipeline",
-    "run_suite", "sample", "sample_steps", "schedule_flops", "side_by_side", "summary_lines", "text_table",
+    "markdown_table", "plot", "prepare_environment", "rel_l2", "resolve_device_dtype", "resolved_backend", "run_args", "run_pipeline",
+    "run_suite", "sample", "sample_steps", "schedule_flops", "side_by_side", "spec_from_args", "summary_lines",
+    "text_table",
     "tokens_per_step", "write_outputs",
 ]

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from .common import DEFAULT_OUT, PRESETS_RUN, BenchError, prepare_environment
+from .common import DEFAULT_OUT, PRESETS_RUN, BenchError, prepare_environment, resolve_device_dtype
 from .pipeline import run_pipeline
 from .report import environment, legend_lines, notes, summary_lines, text_table, warning_lines, write_outputs
 from .suite import run_suite
@@ -63,16 +63,7 @@ def add_arguments(parser):
 
 
 def _check_args(args):
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        raise BenchError(f"--device {args.device}: {exc}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda: CUDA is not available here")
-    if args.dtype is None:
-        args.dtype = "bfloat16" if device.type == "cuda" else "float32"
+    resolve_device_dtype(args)
     for name in ("steps", "size", "latent", "blocks", "width", "batch", "repeats", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -18,3 +18,19 @@ def prepare_environment():
     triton is first imported (diffusers and torch._dynamo import it)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def resolve_device_dtype(args, error=BenchError):
+    """Fill ``args.device`` (CUDA when available) and ``args.dtype`` (bf16 on CUDA, fp32 on CPU);
+    ``error`` (a user-facing exception class) for a device that cannot be used."""
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        raise error(f"--device {args.device}: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise error("--device cuda: CUDA is not available here (use --device cpu)")
+    if args.dtype is None:
+        args.dtype = "bfloat16" if device.type == "cuda" else "float32"
+    return device

@@ -55,11 +55,8 @@ def resolved_backend(backend, device):
     return resolve_backend(backend, torch.device(device), "merge")
 
 
-def run_suite(args, log=print):
-    """Build the model and run every configuration; returns the result dict."""
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-    cuda = device.type == "cuda"
+def spec_from_args(args, device):
+    """``(model spec, steps)`` of the bench options in ``args`` (defaults for ``device``)."""
     family = args.family or ("sd3" if have_diffusers() else "dit")
     if family in ("sd3", "pixart") and not have_diffusers():
         raise BenchError(f"--family {family} needs diffusers (pip install diffusers); --family dit needs nothing")
@@ -74,8 +71,16 @@ def run_suite(args, log=print):
         base["layers"] = args.blocks
     if args.width is not None:
         base["width"] = args.width
-    steps = args.steps or base["steps"]
-    spec = make_spec(**base)
+    return make_spec(**base), args.steps or base["steps"]
+
+
+def run_suite(args, log=print):
+    """Build the model and run every configuration; returns the result dict."""
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    cuda = device.type == "cuda"
+    spec, steps = spec_from_args(args, device)
+    family = spec["family"]
     backends = [None] + (["reference"] if cuda and not args.no_reference else [])
     configs = [("unpatched", None, None)] + [(f"{p}/{resolved_backend(b, device)}", p, b)
                                              for p in args.presets for b in backends]

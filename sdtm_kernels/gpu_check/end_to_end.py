@@ -37,17 +37,7 @@ def end_to_end(sizes, device, deadline, log, no_reference=False):
 
 def _spec(args, device):
     """The model spec ``run_suite`` builds from ``args`` (same defaults and overrides)."""
-    family = args.family or ("sd3" if bench.have_diffusers() else "dit")
-    base = bench.default_spec(family, device, quick=args.quick)
-    if args.size is not None:
-        base["latent"] = args.size // bench.VAE_FACTOR
-    if args.latent is not None:
-        base["latent"] = args.latent
-    if args.blocks is not None:
-        base["layers"] = args.blocks
-    if args.width is not None:
-        base["width"] = args.width
-    return bench.make_spec(**base), args.steps or base["steps"]
+    return bench.spec_from_args(args, device)
 
 
 def _unique_graphs():

@@ -52,16 +52,7 @@ def add_arguments(parser):
 
 
 def _check_args(args):
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        raise QualityError(f"--device {args.device}: {exc}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise QualityError("--device cuda: CUDA is not available here (use --device cpu)")
-    if args.dtype is None:
-        args.dtype = "bfloat16" if device.type == "cuda" else "float32"
+    bench.resolve_device_dtype(args, QualityError)
     if args.warmup is None:  # also on CPU: a pipeline's first call pays one-off costs the others do not
         args.warmup = 1
     for name in ("steps", "size"):
