@@ -64,6 +64,9 @@ def _check_result(result, out, printed, family):
         return
     assert "error" not in check, check
     assert check["max_abs_diff"] < 1e-5
+    launches = result["launches"]  # the main job prints the launch count per merged block
+    assert launches["backend"] == "triton" and 0 < launches["ssm"]["per_block"] <= 8
+    assert 0 < launches["idm"]["per_block"] <= 8 and "launches SDTM adds per merged block" in printed
     assert check["plan_ssm"]["num_rows_triton"] == check["plan_ssm"]["num_rows_reference"]
     assert check["plan_idm"]["num_rows_triton"] == check["plan_idm"]["num_rows_reference"]
 

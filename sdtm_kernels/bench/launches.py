@@ -133,3 +133,63 @@ def per_block_added(patched, unpatched, blocks):
     added.subtract(unpatched)
     return (total(patched) - total(unpatched)) / max(1, blocks), +added
 
+
+
+def _model_blocks(model):
+    for name in ("transformer_blocks", "blocks"):
+        blocks = getattr(model, name, None)
+        if blocks is not None:
+            return list(blocks) + list(getattr(model, "single_transformer_blocks", []))
+    raise ValueError(f"{type(model).__name__}: no transformer_blocks / blocks")
+
+
+def merged_block_launches(bench_model, steps, preset="fast", backend="triton"):
+    """Launches SDTM adds per merged block at the first structure (SSM) and the first detail (IDM)
+    step of ``preset``'s schedule on ``backend`` (``sdtm_kernels.bench.BenchModel``): the patched
+    call minus the unpatched call, inside the blocks, over the blocks that merged. Returns
+    ``{"ssm": {"per_block", "ops"}, "idm": {...}, "backend"}`` (only the stages the schedule has)."""
+    import torch
+
+    spec = bench_model.spec
+    gen = torch.Generator().manual_seed(0)
+    latent = torch.randn(bench_model.model_batch, spec["in_channels"], spec["latent"], spec["latent"], generator=gen)
+    latent = latent.to(bench_model.device, bench_model.dtype)
+
+    def timestep(step):
+        return torch.full((bench_model.model_batch,), 1000.0 * (1 - step / steps), device=bench_model.device)
+
+    with torch.no_grad():
+        _, _, unpatched = count_launches(bench_model.forward, latent, timestep(0),
+                                         blocks=_model_blocks(bench_model.model))
+        state = bench_model.patch(preset, backend, steps)
+        blocks = _model_blocks(bench_model.model)  # the generic path wraps the blocks
+        try:
+            report = {"backend": backend, "preset": preset}
+            for mode in ("ssm", "idm"):
+                step = _first_step(state, steps, mode)
+                if step is None:
+                    continue
+                state.reset()
+                for s in range(step):  # earlier steps only move the counter (no model call)
+                    state.begin_call(timestep(s), spec["grid"], text_len=spec["text_len"] or None)
+                    state.end_call()
+                before = len(state.stats)
+                _, _, patched = count_launches(bench_model.forward, latent, timestep(step), blocks=blocks)
+                merged = sum(1 for r in state.stats[before:] if r["mode"] == mode)
+                per_block, ops = per_block_added(patched, unpatched, merged)
+                report[mode] = {"step": step, "blocks": merged, "per_block": per_block, "ops": dict(ops)}
+        finally:
+            bench_model.unpatch()
+    return report
+
+
+def _first_step(state, steps, mode):
+    saved = state.step
+    try:
+        for step in range(steps):
+            state.step = step
+            if state.step_mode() == mode:
+                return step
+        return None
+    finally:
+        state.step = saved

@@ -96,6 +96,14 @@ def summary_lines(result):
                          f"{check['max_abs_diff']:.2e} (merge/unmerge), same plan assignment "
                          f"{check['plan_ssm']['same_assignment_fraction']:.0%} SSM / "
                          f"{check['plan_idm']['same_assignment_fraction']:.0%} IDM")
+    launches = result.get("launches")
+    if launches and "error" not in launches:
+        stages = ", ".join(f"{mode.upper()} {launches[mode]['per_block']:.1f}" for mode in ("ssm", "idm")
+                           if mode in launches)
+        lines.append(f"kernel launches SDTM adds per merged block ({launches['backend']} backend, counted on "
+                     f"{launches['model']}): {stages} (budget 8)")
+    elif launches:
+        lines.append(f"launch count not run: {launches['error']}")
     return lines
 
 

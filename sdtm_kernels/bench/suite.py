@@ -219,4 +219,27 @@ def run_suite(args, log=print):
     if not cuda and not args.no_kernel_check:
         log("checking the Triton kernels (interpreter) against the reference on a small sample ...")
         result["kernel_check"] = kernel_check(seed=args.seed)
+    if cuda or not args.no_kernel_check:
+        result["launches"] = launch_count(spec, bench_model, device, dtype, steps, args, log)
     return result
+
+
+def launch_count(spec, bench_model, device, dtype, steps, args, log):
+    """Kernel launches SDTM adds per merged block on the Triton backend ("fast" preset's first
+    SSM and IDM steps). On CPU they are counted in the interpreter on a 2-block, C=64 copy of
+    the model family (a launch count does not depend on the sizes)."""
+    from .launches import merged_block_launches
+
+    model = bench_model
+    if device.type != "cuda":
+        small = make_spec(spec["family"], layers=2, width=64, latent=2 * spec["patch"] * 8, patch=spec["patch"],
+                          in_channels=spec["in_channels"], text_len=min(spec["text_len"], 8),
+                          text_dim=spec["text_dim"], pooled_dim=spec["pooled_dim"])
+        model = BenchModel(small, device, dtype, batch=args.batch, seed=args.seed)
+    log("counting the kernel launches SDTM adds per merged block (triton backend) ...")
+    try:
+        report = merged_block_launches(model, steps)
+    except Exception as exc:  # noqa: BLE001 - a count is informational; the timings above stand
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    report["model"] = "the timed model" if model is bench_model else "a 2-block C=64 copy (interpreter)"
+    return report
