@@ -52,6 +52,7 @@ def _check_result(result, out, printed, family):
         assert 0 < run["bookkeeping_share"] < 1
         assert run["bookkeeping"]["plan"]["calls"] > 0 and run["bookkeeping"]["merge"]["calls"] > 0
         assert 0 < run["rel_l2_vs_unpatched"] < 0.5
+        assert {"ssm", "idm", "protected"} <= set(run["stage_speedups"]) and min(run["stage_speedups"].values()) > 0
     fast, released = result["runs"][2], result["runs"][1]
     assert fast["mean_tokens"] < released["mean_tokens"] < base["mean_tokens"]
     assert fast["flop_bound_speedup"] > released["flop_bound_speedup"]

@@ -84,6 +84,10 @@ def summary_lines(result):
              f"{cfg['text_len']} text tokens, batch {cfg['model_batch']}, {cfg['steps']} steps, {cfg['dtype']}; "
              f"{env.get('device', cfg['device'])}, torch {env.get('torch')}, triton {env.get('triton')}, "
              f"diffusers {env.get('diffusers')}"]
+    stages = [f"{run['name']}: " + ", ".join(f"{mode} {value:.2f}x" for mode, value in run["stage_speedups"].items())
+              for run in result.get("runs", []) if run.get("preset") and run.get("stage_speedups")]
+    if stages:
+        lines.append("step speedup per stage (unpatched time / run time over that stage's steps): " + "; ".join(stages))
     for diff in result.get("backend_diffs", []):
         lines.append(f"backends {diff['a']} vs {diff['b']}: rel.L2 {diff['rel_l2']:.2e}, "
                      f"max abs {diff['max_abs_diff']:.2e}")

@@ -55,6 +55,16 @@ def resolved_backend(backend, device):
     return resolve_backend(backend, torch.device(device), "merge")
 
 
+def stage_speedups(run, base_run):
+    """``{mode: unpatched time / this run's time over the steps of that mode}`` (protected,
+    structure, detail, skip): shows a stage that does not pay for itself."""
+    steps_of = {}
+    for row in run["tokens_per_step"]:
+        steps_of.setdefault(row["mode"], []).append(row["step"])
+    return {mode: sum(base_run["step_ms"][s] for s in steps) / sum(run["step_ms"][s] for s in steps)
+            for mode, steps in steps_of.items() if sum(run["step_ms"][s] for s in steps) > 0}
+
+
 def spec_from_args(args, device):
     """``(model spec, steps)`` of the bench options in ``args`` (defaults for ``device``)."""
     family = args.family or ("sd3" if have_diffusers() else "dit")
@@ -194,6 +204,7 @@ def run_suite(args, log=print):
         run["flop_bound_speedup"] = base_run["flops"] / run["flops"]
         run["pct_of_flop_bound"] = 100.0 * run["speedup"] / run["flop_bound_speedup"]
         run["rel_l2_vs_unpatched"] = rel_l2(finals[run["name"]], finals[base_run["name"]])
+        run["stage_speedups"] = stage_speedups(run, base_run)
     backend_diffs = []
     for preset in args.presets:
         default_name = f"{preset}/{resolved_backend(None, device)}"

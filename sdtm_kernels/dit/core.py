@@ -154,6 +154,8 @@ def block_context(state: Optional[SDTMState], layer: int, metric: torch.Tensor, 
     if state.layer_protected(layer):
         state.reset_li()
         return BlockContext(state, layer, "layer", num_tokens=num_tokens)
+    if state.config.min_saving and state.block_saving(mode, num_tokens, metric.shape[-1]) < state.config.min_saving:
+        return BlockContext(state, layer, "skip", num_tokens=num_tokens)  # would not pay for its plan
     batch = metric.shape[0]
     source = metric.detach()
     if shared and batch > 1:

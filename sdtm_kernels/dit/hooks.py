@@ -290,7 +290,9 @@ class SDTMTransformerHook(ModelHook):
             warnings.warn(f"SDTM: cannot read the image token grid from this {type(module).__name__} call "
                           "(expected a [B, C, H, W] latent with config.patch_size, or Flux img_ids on one raster "
                           "grid); such calls run without merging", RuntimeWarning, stacklevel=3)
-        state.begin_call(arguments.get("timestep"), grid, text_len=text_len)
+        hidden = arguments.get("hidden_states")
+        batch, device = (hidden.shape[0], hidden.device) if isinstance(hidden, torch.Tensor) else (None, None)
+        state.begin_call(arguments.get("timestep"), grid, text_len=text_len, batch=batch, device=device)
         if self.generation != state.generations:  # the first call of a generation
             self.generation = state.generations
             self.calls = self.calls_without_grid = 0

@@ -330,7 +330,8 @@ _UNSET = _Unset()
 def apply_sdtm(pipe_or_model, *, preset=_UNSET, ratio=_UNSET, deviation=_UNSET, switch_step=_UNSET,
                protect_steps=_UNSET, protect_layers=_UNSET, mcw=_UNSET, a_s=_UNSET, merge_mode=_UNSET,
                random_dst=_UNSET, seed=_UNSET, num_steps=_UNSET, backend=_UNSET, merge_cross_attention=_UNSET,
-               window=_UNSET, idm_score=_UNSET, a_d=_UNSET, prompt_reweight=_UNSET, a_p=_UNSET):
+               window=_UNSET, idm_score=_UNSET, a_d=_UNSET, prompt_reweight=_UNSET, a_p=_UNSET,
+               min_saving=_UNSET):
     """Patch a diffusers pipeline (anything with ``.transformer``) or transformer with SDTM.
 
     Supported blocks: ``BasicTransformerBlock`` (ada_norm_zero: DiT; ada_norm_single: PixArt),
@@ -356,7 +357,8 @@ def apply_sdtm(pipe_or_model, *, preset=_UNSET, ratio=_UNSET, deviation=_UNSET, 
     given = dict(ratio=ratio, deviation=deviation, switch_step=switch_step, protect_steps=protect_steps,
                  protect_layers=protect_layers, mcw=mcw, a_s=a_s, merge_mode=merge_mode, random_dst=random_dst,
                  seed=seed, num_steps=num_steps, backend=backend, merge_cross_attention=merge_cross_attention,
-                 window=window, idm_score=idm_score, a_d=a_d, prompt_reweight=prompt_reweight, a_p=a_p)
+                 window=window, idm_score=idm_score, a_d=a_d, prompt_reweight=prompt_reweight, a_p=a_p,
+                 min_saving=min_saving)
     assert set(given) == set(OPTION_NAMES)
     explicit = {name: value for name, value in given.items() if value is not _UNSET}
     pipe, model = _split(pipe_or_model)

@@ -32,6 +32,7 @@ import torch
 
 from .._validation import check_int
 from ..planning import plan_idm, plan_idm_attention, plan_ssm, ratio_schedule
+from ..reference import schedule as ref_schedule
 from .config import SDTMConfig
 
 DEFAULT_SEED = 0
@@ -85,8 +86,13 @@ class SDTMState:
         self._last_evals = None
         self._driver_off = False
 
-    def begin_call(self, timestep, grid, text_len: Optional[int] = None):
-        """Register one transformer call at ``timestep`` (tensor or number) on token grid ``grid``."""
+    def begin_call(self, timestep, grid, text_len: Optional[int] = None, batch: Optional[int] = None,
+                   device=None):
+        """Register one transformer call at ``timestep`` (tensor or number) on token grid ``grid``.
+
+        With the call's ``batch`` and ``device`` (the diffusers hook passes them) the generator and
+        this step's random dst draws are made here, outside the blocks: a compiled block then
+        never touches the generator (a graph break) and the draw is one launch per call."""
         driven = self.driver is not None and not self._driver_off
         if driven and self.step < 0:  # a pipeline's first call: the scheduler steps it will run
             learned = self.driver.num_steps()
@@ -106,6 +112,38 @@ class SDTMState:
         self.grid = None if grid is None else (int(grid[0]), int(grid[1]))
         self.text_len = text_len
         self.active = True
+        if device is None and isinstance(timestep, torch.Tensor):
+            device = timestep.device
+        if device is not None:
+            self._ensure_generator(torch.device(device))
+            if batch is not None and self.grid is not None and self._draws_needed(batch):
+                self._draw_step(batch, torch.device(device))
+
+    def _ensure_generator(self, device):
+        if self.generator is None or self.generator.device != device:
+            cfg = self.config
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(DEFAULT_SEED if cfg.seed is None else cfg.seed)
+
+    def _draws_needed(self, batch: int) -> bool:
+        cfg = self.config
+        if not (cfg.random_dst and batch % 2 == 0 and cfg.ratio != 0.0):
+            return False
+        mode = self.step_mode()
+        # IDM takes its dsts from li when this pass has one (the first IDM block after a reset draws lazily)
+        return mode == "ssm" or (mode == "idm" and self.li.get(self.call) is None)
+
+    def _draw_step(self, batch: int, device):
+        """One ``randint(K, (layers, batch, G))`` for every block of this call (row ``l``: layer ``l``;
+        a plan shared by the batch takes its first row)."""
+        height, width = self.grid
+        window = self.config.window
+        shape = (max(self.num_layers, 1), batch, (height // window[0]) * (width // window[1]))
+        key = (self.step, self.call, shape, device)
+        if self._draws is None or self._draws[0] != key:
+            draws = torch.randint(window[0] * window[1], shape, generator=self.generator,
+                                  device=self.generator.device)
+            self._draws = (key, draws.to(device))
 
     def _begin_scheduler_step(self, value: float, driver):
         """Step = scheduler steps done in this generation // scheduler order (pipeline calls)."""
@@ -177,6 +215,28 @@ class SDTMState:
             return "protected"
         return "ssm" if self.step <= cfg.switch_index(self.num_steps) else "idm"
 
+    def block_saving(self, mode: str, num_tokens: int, channels: int) -> float:
+        """Fraction of a block's FLOPs merging saves at this step (the rule of ``min_saving``):
+        a generic DiT block, ``F(n) = 24 n C^2 + 4 n^2 C`` (projections, attention, MLP of ratio 4;
+        prompt tokens left out); SSM runs the whole block on M rows, IDM only the MLP
+        (``16 (N - M) C^2``). M follows from the schedule, as the plan's."""
+        cfg = self.config
+        n, c = num_tokens, channels
+        height, width = self.grid
+        window_size = cfg.window[0] * cfg.window[1]
+        num_windows = (height // cfg.window[0]) * (width // cfg.window[1])
+        n_remove = self.n_remove(n)
+        if mode == "ssm":
+            removed = (window_size - 1) * ref_schedule.ssm_windows_to_merge(n_remove, window_size, num_windows)
+        else:
+            removed = ref_schedule.idm_tokens_to_merge(n_remove, n - num_windows)
+
+        def flops(tokens):
+            return 24 * tokens * c * c + 4 * tokens * tokens * c
+
+        saved = flops(n) - flops(n - removed) if mode == "ssm" else 16 * removed * c * c
+        return saved / flops(n) if n else 0.0
+
     def layer_protected(self, layer: int) -> bool:
         f = self.config.protect_layers
         return bool(f) and (layer % f == 0 or layer == self.num_layers - 1)
@@ -194,9 +254,7 @@ class SDTMState:
         1 for a plan shared by the batch); updates ``li``. ``received [b, N]`` (IDM with
         ``idm_score="attention"``): attention each image token receives from the prompt."""
         cfg = self.config
-        if self.generator is None or self.generator.device != metric.device:
-            self.generator = torch.Generator(device=metric.device)
-            self.generator.manual_seed(DEFAULT_SEED if cfg.seed is None else cfg.seed)
+        self._ensure_generator(metric.device)  # made by begin_call when the caller gives the device
         li = self.li.get(self.call)
         if li is not None and tuple(li.shape) != (batch, metric.shape[1]):
             li = None
@@ -224,16 +282,12 @@ class SDTMState:
         """Layer ``layer``'s random dst positions ``[b, G]``: one ``randint(K, (layers, b, G))`` draw
         per step and call, row ``layer`` for that layer (one launch per step instead of one per
         block; the planners take the first columns they need)."""
-        height, width = self.grid
-        window = self.config.window
-        shape = (max(self.num_layers, 1), metric.shape[0], (height // window[0]) * (width // window[1]))
-        key = (self.step, self.call, shape, metric.device)
-        if self._draws is None or self._draws[0] != key:
-            draws = torch.randint(window[0] * window[1], shape, generator=self.generator,
-                                  device=self.generator.device).to(metric.device)
-            self._draws = (key, draws)
+        key = self._draws[0] if self._draws is not None else None
+        if key is None or key[:2] != (self.step, self.call) or key[3] != metric.device \
+                or key[2][1] < metric.shape[0]:
+            self._draw_step(metric.shape[0], metric.device)  # not drawn in begin_call (user models)
         draws = self._draws[1]
-        return draws[min(layer, draws.shape[0] - 1)]
+        return draws[min(layer, draws.shape[0] - 1), : metric.shape[0]]
 
     def stacked_rotary(self, rotary):
         """``torch.stack(rotary)`` (Flux's ``(cos, sin)`` table), computed once per transformer call
