@@ -32,6 +32,18 @@ from .scores import _interpreting
 
 
 @triton.jit
+def _window_of(t, mask, grid_w, win_rows, win_cols, WIN_H: tl.constexpr, WIN_W: tl.constexpr):
+    """For raster tokens ``t``: (inside a whole window, window index, position in the window,
+    the window's lowest token)."""
+    r = t // grid_w
+    c = t % grid_w
+    wi = r // WIN_H
+    wj = c // WIN_W
+    inwin = mask & (wi < win_rows) & (wj < win_cols)
+    return inwin, wi * win_cols + wj, (r % WIN_H) * WIN_W + (c % WIN_W), (wi * WIN_H) * grid_w + wj * WIN_W
+
+
+@triton.jit
 def _ssm_plan_kernel(
     row_ptr,  # int32 [B, N] out: row_of_token (dense)
     members_ptr,  # int32 [B, N] out: members (dense)
@@ -64,14 +76,9 @@ def _ssm_plan_kernel(
     for start in range(0, num_tokens, BLOCK):
         t = start + offs
         mask = t < num_tokens
-        r = t // grid_w
-        c = t % grid_w
-        wi = r // WIN_H
-        wj = c // WIN_W
-        inwin = mask & (wi < win_rows) & (wj < win_cols)
-        rank = tl.load(rank_ptr + b * stride_rb + (wi * win_cols + wj).to(tl.int64) * stride_rg, mask=inwin, other=-1)
+        inwin, g, p, lowest = _window_of(t, mask, grid_w, win_rows, win_cols, WIN_H, WIN_W)
+        rank = tl.load(rank_ptr + b * stride_rb + g.to(tl.int64) * stride_rg, mask=inwin, other=-1)
         sel = inwin & (rank >= 0)
-        p = (r % WIN_H) * WIN_W + (c % WIN_W)
         nonlow = (sel & (p != 0)).to(tl.int32)
         low = (sel & (p == 0)).to(tl.int32)
         a = tl.cumsum(nonlow, axis=0) - nonlow + carry_a
@@ -86,15 +93,9 @@ def _ssm_plan_kernel(
     for start in range(0, num_tokens, BLOCK):
         t = start + offs
         mask = t < num_tokens
-        r = t // grid_w
-        c = t % grid_w
-        wi = r // WIN_H
-        wj = c // WIN_W
-        inwin = mask & (wi < win_rows) & (wj < win_cols)
-        rank = tl.load(rank_ptr + b * stride_rb + (wi * win_cols + wj).to(tl.int64) * stride_rg, mask=inwin, other=-1)
+        inwin, g, p, lowest = _window_of(t, mask, grid_w, win_rows, win_cols, WIN_H, WIN_W)
+        rank = tl.load(rank_ptr + b * stride_rb + g.to(tl.int64) * stride_rg, mask=inwin, other=-1)
         sel = inwin & (rank >= 0)
-        p = (r % WIN_H) * WIN_W + (c % WIN_W)
-        lowest = (wi * WIN_H) * grid_w + wj * WIN_W
         head = tl.where(sel, lowest, t)
         a = tl.load(scr + head, mask=mask, other=0)
         s = tl.load(scr + num_tokens + head, mask=mask, other=0)
@@ -146,14 +147,7 @@ def _bipartite_lists_kernel(
     for start in range(0, num_tokens, BLOCK):
         t = start + offs
         mask = t < num_tokens
-        r = t // grid_w
-        c = t % grid_w
-        wi = r // WIN_H
-        wj = c // WIN_W
-        inwin = mask & (wi < win_rows) & (wj < win_cols)
-        g = wi * win_cols + wj
-        p = (r % WIN_H) * WIN_W + (c % WIN_W)
-        lowest = (wi * WIN_H) * grid_w + wj * WIN_W
+        inwin, g, p, lowest = _window_of(t, mask, grid_w, win_rows, win_cols, WIN_H, WIN_W)
         if HAS_LI:
             best = tl.full([BLOCK], -2147483647, dtype=tl.int64)
             dp = tl.zeros([BLOCK], dtype=tl.int32)
