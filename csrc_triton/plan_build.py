@@ -44,6 +44,20 @@ def _window_of(t, mask, grid_w, win_rows, win_cols, WIN_H: tl.constexpr, WIN_W: 
 
 
 @triton.jit
+def _next_li(li_ptr, b, stride_lb, stride_ln, t, mask, in_group, rep, HAS_LI: tl.constexpr,
+             PRUNE: tl.constexpr, BLOCK: tl.constexpr):
+    """``li + 1``, 0 for tokens outside every merge group (prune mode: and representatives)."""
+    if HAS_LI:
+        li = tl.load(li_ptr + b * stride_lb + t.to(tl.int64) * stride_ln, mask=mask, other=0).to(tl.int32)
+    else:
+        li = tl.zeros([BLOCK], dtype=tl.int32)
+    independent = ~in_group
+    if PRUNE:
+        independent = independent | (rep == t)
+    return tl.where(independent, 0, li + 1)
+
+
+@triton.jit
 def _ssm_plan_kernel(
     row_ptr,  # int32 [B, N] out: row_of_token (dense)
     members_ptr,  # int32 [B, N] out: members (dense)
@@ -114,14 +128,8 @@ def _ssm_plan_kernel(
         tl.store(row_start_ptr + b * (num_rows + 1) + row, first, mask=is_head)
         tl.store(rep_ptr + b * num_rows + row, rep, mask=is_head)
         if WRITE_LI:
-            if HAS_LI:
-                li = tl.load(li_ptr + b * stride_lb + t.to(tl.int64) * stride_ln, mask=mask, other=0).to(tl.int32)
-            else:
-                li = tl.zeros([BLOCK], dtype=tl.int32)
-            independent = ~sel
-            if PRUNE:
-                independent = independent | (rep == t)
-            tl.store(li_out_ptr + n_row + t, tl.where(independent, 0, li + 1), mask=mask)
+            li_next = _next_li(li_ptr, b, stride_lb, stride_ln, t, mask, sel, rep, HAS_LI, PRUNE, BLOCK)
+            tl.store(li_out_ptr + n_row + t, li_next, mask=mask)
     last = offs == 0
     tl.store(row_start_ptr + b * (num_rows + 1) + num_rows + offs * 0, num_tokens + offs * 0, mask=last)
 
@@ -257,16 +265,10 @@ def _bipartite_plan_kernel(
         is_head = mask & (low == t)
         tl.store(row_start_ptr + b * (num_rows + 1) + row, first, mask=is_head)
         tl.store(rep_ptr + b * num_rows + row, rep, mask=is_head)
-        if WRITE_LI:
-            if HAS_LI:
-                li = tl.load(li_ptr + b * stride_lb + t.to(tl.int64) * stride_ln, mask=mask, other=0).to(tl.int32)
-            else:
-                li = tl.zeros([BLOCK], dtype=tl.int32)
+        if WRITE_LI:  # mean mode: a dst counts as merged even when no candidate joined it
             blend = tl.load(blend_ptr + n_row + t, mask=mask, other=0) != 0
-            independent = ~blend  # mean mode: a dst counts as merged even when no candidate joined it
-            if PRUNE:
-                independent = independent | (rep == t)
-            tl.store(li_out_ptr + n_row + t, tl.where(independent, 0, li + 1), mask=mask)
+            li_next = _next_li(li_ptr, b, stride_lb, stride_ln, t, mask, blend, rep, HAS_LI, PRUNE, BLOCK)
+            tl.store(li_out_ptr + n_row + t, li_next, mask=mask)
         # Slot: row start + members of the same row in earlier blocks (cursor) + earlier in this block.
         same = (rep[:, None] == rep[None, :]) & (offs[None, :] < offs[:, None]) & mask[None, :]
         earlier = tl.sum(same.to(tl.int32), axis=1)

@@ -18,7 +18,9 @@ import sdtm_kernels as sk  # noqa: E402
 from sdtm_kernels.dit import apply_sdtm, block_context, get_state, remove_sdtm, run_merged  # noqa: E402
 from sdtm_kernels.dit import SDTMConfig, SDTMState  # noqa: E402
 
-B, L = 2, 32  # latent 32x32, patch 2 -> 16x16 tokens
+from test_dit_diffusers import build as build_model  # noqa: E402
+
+B = 2  # the models of test_dit_diffusers: batch 2, 16x16 tokens
 N = 256
 TIMESTEPS = [999, 800, 600, 400, 200]
 FAMILIES = ["dit", "pixart", "sd3", "sd35", "flux"]
@@ -28,53 +30,8 @@ MODES = ["protected", "ssm", "ssm", "protected", "idm"]
 
 
 def build(name):
-    torch.manual_seed(0)
-    if name == "dit":
-        model = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
-                                                out_channels=4, num_layers=2, sample_size=L, patch_size=2,
-                                                num_embeds_ada_norm=10)
-        x, labels = torch.randn(B, 4, L, L), torch.tensor([1, 2])
-
-        def call(t):
-            return model(x, timestep=torch.full((B,), t, dtype=torch.long), class_labels=labels, return_dict=False)[0]
-    elif name == "pixart":
-        model = diffusers.PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
-                                                   out_channels=8, num_layers=2, sample_size=L, patch_size=2,
-                                                   cross_attention_dim=16, caption_channels=12,
-                                                   use_additional_conditions=False)
-        x, enc = torch.randn(B, 4, L, L), torch.randn(B, 5, 12)
-
-        def call(t):
-            return model(x, encoder_hidden_states=enc, timestep=torch.full((B,), t, dtype=torch.long),
-                         added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
-    elif name in ("sd3", "sd35"):
-        extra = dict(dual_attention_layers=(0, 1), qk_norm="rms_norm") if name == "sd35" else {}
-        model = diffusers.SD3Transformer2DModel(sample_size=L, patch_size=2, in_channels=4, num_layers=2,
-                                                attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                                caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
-                                                pos_embed_max_size=32, **extra)
-        x, enc, pooled = torch.randn(B, 4, L, L), torch.randn(B, 5, 16), torch.randn(B, 8)
-
-        def call(t):
-            return model(hidden_states=x, encoder_hidden_states=enc, pooled_projections=pooled,
-                         timestep=torch.full((B,), float(t)), return_dict=False)[0]
-    elif name == "flux":
-        model = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                                 attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
-                                                 pooled_projection_dim=8, axes_dims_rope=(4, 6, 6))
-        h = w = 16
-        x, enc, pooled = torch.randn(B, h * w, 16), torch.randn(B, 5, 16), torch.randn(B, 8)
-        img_ids = torch.zeros(h, w, 3)
-        img_ids[..., 1] = torch.arange(h)[:, None]
-        img_ids[..., 2] = torch.arange(w)[None]
-        img_ids, txt_ids = img_ids.reshape(-1, 3), torch.zeros(5, 3)
-
-        def call(t):
-            return model(hidden_states=x, encoder_hidden_states=enc, pooled_projections=pooled,
-                         timestep=torch.full((B,), t / 1000), img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
-    else:
-        raise ValueError(name)
-    model.eval()
+    """The tiny model of ``test_dit_diffusers`` with per-block output dtypes recorded."""
+    model, call_steps = build_model(name, layers=2)
     blocks = [m for m in model.modules() if type(m).__name__.endswith("Block")]
     record = []
 
@@ -92,7 +49,7 @@ def build(name):
         with torch.no_grad(), region:
             for t in TIMESTEPS:
                 record.clear()
-                out = call(t)
+                (out,) = call_steps([t])
                 results.append((out, list(record)))
         return results
 

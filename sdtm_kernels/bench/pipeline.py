@@ -12,14 +12,15 @@ from .models import have_diffusers
 from .timing import Progress, _sync
 
 # -- real pipelines ----------------------------------------------------------------------------
-def _looks_like_path(name):
+def looks_like_path(name):
+    """A folder name rather than a Hub id (``owner/name``)."""
     return name.startswith((".", "/", "~")) or name.endswith(("/", os.sep)) or "\\" in name or name.count("/") > 1
 
 
 def load_pipeline(name, device, dtype):
     """``DiffusionPipeline.from_pretrained(name)``; a clear ``BenchError`` when it cannot load."""
     path = os.path.expanduser(name)
-    if not os.path.exists(path) and _looks_like_path(name):
+    if not os.path.exists(path) and looks_like_path(name):
         raise BenchError(f"--pipeline {name}: no such directory (pass a local diffusers pipeline folder or a "
                          "Hugging Face Hub id such as stabilityai/stable-diffusion-3-medium-diffusers)")
     if not have_diffusers():

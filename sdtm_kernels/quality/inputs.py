@@ -6,6 +6,7 @@ import warnings
 
 import torch
 
+from ..bench.pipeline import looks_like_path
 from .metrics import one_line
 
 # Varied on purpose: photo, food, composition, painting style, faces, night/neon, text rendering, 3D.
@@ -182,11 +183,6 @@ def load_error(name, exc):
                 "folder saved with save_pretrained")
     return (f"--pipeline {name}: diffusers from_pretrained failed ({one_line(exc)}); pass a diffusers pipeline "
             "folder or Hub id")
-
-
-def looks_like_path(name):
-    """A folder name rather than a Hub id (``owner/name``)."""
-    return name.startswith((".", "/", "~")) or name.endswith(("/", os.sep)) or "\\" in name or name.count("/") > 1
 
 
 def load_pipeline(name, device, dtype):
