@@ -11,8 +11,14 @@ Equivalent PyTorch::
 Compute is fp32 (fp64 for fp64 inputs); outputs are dense and stored in the input dtype.
 Inputs need a unit stride in C only; every other stride is passed. Batch and token
 offsets are int64 so B*N*C may exceed 2**31. No atomics: every output element is written
-by exactly one program, and each row sums its members in CSR (ascending token) order, so
-results are deterministic.
+by exactly one program, in a fixed summation order, so results are deterministic.
+
+Segment reduction in two passes, so that one huge row (an exactly constant region merges
+~1,500 tokens into one row at SD3 1024^2) does not serialise on one program: the first
+(``_segment_chunk_kernel``, one program per whole chunk of ``SEG_CHUNK`` CSR positions) sums
+the chunks that lie inside one row; the second (``_segment_reduce_kernel``, one program per
+row) adds the members before the row's first whole chunk and after its last one to those chunk
+sums (``segment_row_steps``: at most ~2 * SEG_CHUNK / SEG_ROW_TILE + L / (SEG_CHUNK * 8) steps).
 
 Index contract (docs/SEMANTICS.md, "Index contract"): the kernels never read out of bounds,
 whatever the index values. A gather index outside ``[0, M)`` reads zeros (``v = 0``, the
@@ -29,6 +35,96 @@ import triton.language as tl
 
 MAX_BLOCK_C = 512  # channels per program; C=1536 (SD3) splits into 3 full blocks
 GATHER_TILE = 4096  # elements per gather program (BLOCK_T * BLOCK_C)
+SEG_CHUNK = 32  # member positions per chunk of the segment reduction's first pass
+SEG_ROW_TILE = 4  # members per step of a row program (a 2x2 window's row in one step)
+SEARCH_WIDTH = 128  # row starts probed per round of the first pass's row search
+
+
+@triton.jit
+def _add_members(
+    acc,  # [BLOCK_C] running sum
+    p_lo, p_hi,  # CSR positions [p_lo, p_hi) to add
+    members_b, stride_mn,  # this batch row's members
+    src_b, stride_sn,  # this batch row's tokens
+    blend_b, stride_bn,  # this batch row's blend flags (USE_MCW and HAS_BLEND)
+    offs_c, mask_c,  # channels
+    mcw, N,
+    USE_MCW: tl.constexpr, HAS_BLEND: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_T: tl.constexpr,  # members per step
+):
+    """``acc + sum_{p in [p_lo, p_hi)} w * src[members[p]]``, BLOCK_T members per step."""
+    for p0 in range(p_lo, p_hi, BLOCK_T):
+        pos = p0 + tl.arange(0, BLOCK_T)
+        pos_ok = pos < p_hi
+        tok = tl.load(members_b + pos.to(tl.int64) * stride_mn, mask=pos_ok, other=-1).to(tl.int64)
+        tok_ok = pos_ok & (tok >= 0) & (tok < N)  # a member outside [0, N) adds nothing
+        val = tl.load(src_b + tok[:, None] * stride_sn + offs_c[None, :], mask=tok_ok[:, None] & mask_c[None, :],
+                      other=0.0).to(ACC_DTYPE)
+        if USE_MCW:
+            if HAS_BLEND:
+                is_blend = tl.load(blend_b + tok * stride_bn, mask=tok_ok, other=0) != 0
+                val = tl.where(is_blend[:, None], val * mcw, val)
+            else:
+                val = val * mcw
+        acc += tl.sum(val, axis=0)
+    return acc
+
+
+@triton.jit
+def _segment_chunk_kernel(
+    part_ptr, stride_pb, stride_pk,  # [B, N // CHUNK, C] ACC_DTYPE out: sums of whole chunks, unit stride in C
+    flag_ptr, stride_fb, stride_fk,  # [B, N // CHUNK] int32 out: 1 where part holds the chunk's sum
+    src_ptr, stride_sb, stride_sn,  # [B, N, C] tokens, unit stride in C
+    members_ptr, stride_mb, stride_mn,  # [B, N] int32 tokens grouped by row (CSR columns)
+    start_ptr, stride_rb, stride_rm,  # [B, M + 1] int32 row starts (CSR offsets)
+    blend_ptr, stride_bb, stride_bn,  # [B, N] uint8 tokens scaled by mcw (USE_MCW and HAS_BLEND)
+    mcw,  # weight of blended tokens (USE_MCW)
+    N, M, C,  # tokens of src (and length of members), rows, channels
+    search_rounds,  # rounds of the row search: SEARCH_W ** search_rounds >= M
+    USE_MCW: tl.constexpr,  # scale tokens by mcw
+    HAS_BLEND: tl.constexpr,  # only blend tokens are scaled by mcw; else all are
+    ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for fp64 inputs
+    CHUNK: tl.constexpr,  # CSR positions per chunk
+    SEARCH_W: tl.constexpr,  # row starts probed per search round
+    BLOCK_T: tl.constexpr,  # members per step (divides CHUNK)
+    BLOCK_C: tl.constexpr,  # channels per program (power of two)
+):
+    """First pass: the weighted sum of the members at CSR positions [k * CHUNK, (k+1) * CHUNK)
+    when they all belong to one row (the row that holds position k * CHUNK); else nothing."""
+    chunk = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    p0 = chunk * CHUNK
+
+    # The row holding p0: the last m with clamp(row_start[m], 0, N) <= p0, by a SEARCH_W-ary
+    # search (starts are nondecreasing in a valid plan; any values stay in bounds).
+    start_b = start_ptr + b * stride_rb
+    probes = tl.arange(0, SEARCH_W)
+    base = p0 * 0  # candidate rows [base, base + span)
+    span = base + M
+    for _ in range(search_rounds):
+        step = (span + SEARCH_W - 1) // SEARCH_W
+        m = base + probes * step
+        ok = m < base + span
+        v = tl.minimum(tl.maximum(tl.load(start_b + m.to(tl.int64) * stride_rm, mask=ok, other=0), 0), N)
+        below = tl.sum((ok & (v <= p0)).to(tl.int32), axis=0)
+        new_base = base + tl.maximum(below - 1, 0) * step
+        span = tl.minimum(step, base + span - new_base)
+        base = new_base
+    row_start = start_b + base.to(tl.int64) * stride_rm
+    lo = tl.minimum(tl.maximum(tl.load(row_start), 0), N)
+    hi = tl.minimum(tl.maximum(tl.load(row_start + stride_rm), lo), N)
+    full = (lo <= p0) & (hi >= p0 + CHUNK)
+
+    acc = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
+    acc = _add_members(acc, p0, tl.where(full, p0 + CHUNK, p0), members_ptr + b * stride_mb, stride_mn,
+                       src_ptr + b * stride_sb, stride_sn, blend_ptr + b * stride_bb, stride_bn, offs_c, mask_c,
+                       mcw, N, USE_MCW, HAS_BLEND, ACC_DTYPE, BLOCK_T)
+    tl.store(part_ptr + b * stride_pb + chunk.to(tl.int64) * stride_pk + offs_c, acc,
+             mask=tl.where(full, mask_c, False))
+    tl.store(flag_ptr + b * stride_fb + chunk * stride_fk, full.to(tl.int32), mask=pid_c == 0)
 
 
 @triton.jit
@@ -39,15 +135,24 @@ def _segment_reduce_kernel(
     start_ptr, stride_rb, stride_rm,  # [B, M + 1] int32 row starts (CSR offsets)
     blend_ptr, stride_bb, stride_bn,  # [B, N] uint8 tokens scaled by mcw (USE_MCW and HAS_BLEND)
     gate_ptr, stride_gb,  # [B, C] per-channel scale of the result (HAS_GATE), unit stride in C
+    part_ptr, stride_pb, stride_pk,  # [B, N // CHUNK, C] chunk sums of _segment_chunk_kernel (HAS_CHUNKS)
+    flag_ptr, stride_fb, stride_fk,  # [B, N // CHUNK] int32: which chunk sums are there (HAS_CHUNKS)
     mcw,  # weight of blended tokens (USE_MCW)
     N, C,  # tokens of src (and length of members), channels
     MEAN: tl.constexpr,  # divide by the member count (merge) instead of a plain sum
     USE_MCW: tl.constexpr,  # scale tokens by mcw (unmerge backward with a cache)
     HAS_BLEND: tl.constexpr,  # only blend tokens are scaled by mcw; else all are
     HAS_GATE: tl.constexpr,  # multiply the result by gate[b]
+    HAS_CHUNKS: tl.constexpr,  # a first pass ran (N >= CHUNK)
     ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for fp64 inputs
+    CHUNK: tl.constexpr,  # CSR positions per chunk of the first pass
+    BLOCK_T: tl.constexpr,  # members per step
+    BLOCK_K: tl.constexpr,  # chunk sums per step
     BLOCK_C: tl.constexpr,  # channels per program (power of two)
 ):
+    """Second pass, one program per (row, channel block): the members before the row's first
+    whole chunk and after its last one, plus the chunk sums of the first pass in between. A
+    row of L members takes at most 2 * CHUNK / BLOCK_T + L / (CHUNK * BLOCK_K) + 1 steps."""
     row = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.program_id(2).to(tl.int64)
@@ -57,22 +162,41 @@ def _segment_reduce_kernel(
     # Row bounds clamped to [0, N] (hi >= lo): a bad row_start never runs past members.
     lo = tl.minimum(tl.maximum(tl.load(row_start), 0), N)
     hi = tl.minimum(tl.maximum(tl.load(row_start + stride_rm), lo), N)
+    members_b = members_ptr + b * stride_mb
     src_b = src_ptr + b * stride_sb
+    blend_b = blend_ptr + b * stride_bb
     acc = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
-    # Runtime bounds: a plain loop over this row's members, in ascending token order.
-    for i in range(lo, hi):
-        tok = tl.load(members_ptr + b * stride_mb + i * stride_mn).to(tl.int64)
-        tok_ok = (tok >= 0) & (tok < N)  # a member outside [0, N) adds nothing
-        # tl.where, not `mask_c & tok_ok`: the interpreter mistypes scalar & vector masks.
-        val = tl.load(src_b + tok * stride_sn + offs_c, mask=tl.where(tok_ok, mask_c, False),
-                      other=0.0).to(ACC_DTYPE)
-        if USE_MCW:
-            if HAS_BLEND:
-                is_blend = tl.load(blend_ptr + b * stride_bb + tok * stride_bn, mask=tok_ok, other=0) != 0
-                val = tl.where(is_blend, val * mcw, val)
-            else:
-                val = val * mcw
-        acc += val
+    if HAS_CHUNKS:
+        k_first = (lo + CHUNK - 1) // CHUNK  # whole chunks [k_first, k_last) of the row
+        k_last = hi // CHUNK
+        has_mid = k_first < k_last
+        head_end = tl.where(has_mid, k_first * CHUNK, hi)
+        tail_start = tl.where(has_mid, k_last * CHUNK, hi)
+    else:
+        head_end = hi
+        tail_start = hi
+    acc = _add_members(acc, lo, head_end, members_b, stride_mn, src_b, stride_sn, blend_b, stride_bn, offs_c,
+                       mask_c, mcw, N, USE_MCW, HAS_BLEND, ACC_DTYPE, BLOCK_T)
+    if HAS_CHUNKS:
+        missing = k_first * 0
+        part_b = part_ptr + b * stride_pb
+        for k0 in range(k_first, k_last, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < k_last
+            flag = tl.load(flag_ptr + b * stride_fb + k * stride_fk, mask=k_ok, other=0)
+            have = k_ok & (flag != 0)
+            part = tl.load(part_b + k.to(tl.int64)[:, None] * stride_pk + offs_c[None, :],
+                           mask=have[:, None] & mask_c[None, :], other=0.0)
+            acc += tl.sum(part, axis=0)
+            missing += tl.sum((k_ok & (flag == 0)).to(tl.int32), axis=0)
+        if missing > 0:  # only when row_start decreases somewhere (an invalid plan)
+            for k in range(k_first, k_last):
+                absent = tl.load(flag_ptr + b * stride_fb + k * stride_fk) == 0
+                acc = _add_members(acc, k * CHUNK, tl.where(absent, k * CHUNK + CHUNK, k * CHUNK), members_b,
+                                   stride_mn, src_b, stride_sn, blend_b, stride_bn, offs_c, mask_c, mcw, N,
+                                   USE_MCW, HAS_BLEND, ACC_DTYPE, BLOCK_T)
+    acc = _add_members(acc, tail_start, hi, members_b, stride_mn, src_b, stride_sn, blend_b, stride_bn, offs_c,
+                       mask_c, mcw, N, USE_MCW, HAS_BLEND, ACC_DTYPE, BLOCK_T)
     if MEAN:
         acc = acc / tl.maximum(hi - lo, 1).to(ACC_DTYPE)
     if HAS_GATE:
@@ -189,6 +313,42 @@ def _strides(t, ndim):
     return tuple(t.stride()[:ndim]) if t is not None else (0,) * ndim
 
 
+def segment_config(batch: int, num_tokens: int, num_rows: int, channels: int):
+    """Launch configuration of the segment reduction (no tensor needed): the first pass over
+    whole chunks of ``SEG_CHUNK`` CSR positions (``chunk_grid``, None when N < SEG_CHUNK) and the
+    row pass (``row_grid``), with their tile sizes."""
+    block_c = _block_c(channels)
+    c_blocks = triton.cdiv(channels, block_c)
+    num_chunks = num_tokens // SEG_CHUNK
+    rounds = 0
+    while SEARCH_WIDTH ** rounds < num_rows:
+        rounds += 1
+    tile = max(1, GATHER_TILE // block_c)
+    return {
+        "block_c": block_c,
+        "chunk_grid": (num_chunks, c_blocks, batch) if num_chunks else None,
+        "row_grid": (num_rows, c_blocks, batch),
+        "search_rounds": rounds,
+        "chunk_block_t": min(SEG_CHUNK, tile),
+        "block_t": min(SEG_ROW_TILE, tile),
+        "block_k": min(SEG_CHUNK, tile),
+    }
+
+
+def segment_row_steps(lo: int, hi: int, num_tokens: int, channels: int) -> int:
+    """Loop steps of the row program for a row at CSR positions ``[lo, hi)`` (valid plan): the
+    serial work of the longest row, whatever its length."""
+    cfg = segment_config(1, num_tokens, 1, channels)
+    head_end = tail_start = hi
+    mid = 0
+    if cfg["chunk_grid"] is not None:
+        k_first, k_last = -(-lo // SEG_CHUNK), hi // SEG_CHUNK
+        if k_first < k_last:
+            head_end, tail_start, mid = k_first * SEG_CHUNK, k_last * SEG_CHUNK, k_last - k_first
+    bt, bk = cfg["block_t"], cfg["block_k"]
+    return -(-(head_end - lo) // bt) + -(-mid // bk) + -(-(hi - tail_start) // bt)
+
+
 def segment_reduce(src, members, row_start, *, mean=True, gate=None, blend=None, mcw=None,
                    out_dtype=None):
     """``out[b, m] = reduce_{t in row m} w[b, t] * src[b, t]`` (then ``* gate[b]``): mean or sum
@@ -206,20 +366,47 @@ def segment_reduce(src, members, row_start, *, mean=True, gate=None, blend=None,
     if out.numel() == 0:
         return out
     blend_u8 = blend.view(torch.uint8) if blend is not None else None
-    block_c = _block_c(channels)
-    grid = (num_rows, triton.cdiv(channels, block_c), batch)
-    _segment_reduce_kernel[grid](
+    cfg = segment_config(batch, num_tokens, num_rows, channels)
+    block_c, acc_dtype = cfg["block_c"], _acc_dtype(src.dtype)
+    blend_arg = (blend_u8 if blend_u8 is not None else members, *_strides(blend_u8, 2))
+    use_mcw, has_blend = mcw is not None, blend is not None
+    mcw_arg = float(mcw) if use_mcw else 1.0
+    has_chunks = cfg["chunk_grid"] is not None
+    if has_chunks:
+        num_chunks = cfg["chunk_grid"][0]
+        part_dtype = torch.float64 if src.dtype == torch.float64 else torch.float32
+        part = torch.empty(batch, num_chunks, channels, dtype=part_dtype, device=src.device)
+        flags = torch.empty(batch, num_chunks, dtype=torch.int32, device=src.device)
+        _segment_chunk_kernel[cfg["chunk_grid"]](
+            part, part.stride(0), part.stride(1),
+            flags, flags.stride(0), flags.stride(1),
+            src, src.stride(0), src.stride(1),
+            members, members.stride(0), members.stride(1),
+            row_start, row_start.stride(0), row_start.stride(1),
+            *blend_arg,
+            mcw_arg,
+            num_tokens, num_rows, channels,
+            cfg["search_rounds"],
+            USE_MCW=use_mcw, HAS_BLEND=has_blend, ACC_DTYPE=acc_dtype,
+            CHUNK=SEG_CHUNK, SEARCH_W=SEARCH_WIDTH, BLOCK_T=cfg["chunk_block_t"], BLOCK_C=block_c,
+            num_warps=_warps(cfg["chunk_block_t"] * block_c),
+        )
+    else:  # no whole chunk (N < CHUNK): never read
+        part, flags = src, members
+    _segment_reduce_kernel[cfg["row_grid"]](
         out, out.stride(0), out.stride(1),
         src, src.stride(0), src.stride(1),
         members, members.stride(0), members.stride(1),
         row_start, row_start.stride(0), row_start.stride(1),
-        blend_u8 if blend_u8 is not None else members, *_strides(blend_u8, 2),
+        *blend_arg,
         gate if gate is not None else src, *_strides(gate, 1),
-        float(mcw) if mcw is not None else 1.0,
-        src.shape[1], channels,
-        MEAN=mean, USE_MCW=mcw is not None, HAS_BLEND=blend is not None, HAS_GATE=gate is not None,
-        ACC_DTYPE=_acc_dtype(src.dtype), BLOCK_C=block_c,
-        num_warps=_warps(block_c * 4),
+        part, *(part.stride()[:2] if has_chunks else (0, 0)),
+        flags, *(flags.stride()[:2] if has_chunks else (0, 0)),
+        mcw_arg,
+        num_tokens, channels,
+        MEAN=mean, USE_MCW=use_mcw, HAS_BLEND=has_blend, HAS_GATE=gate is not None, HAS_CHUNKS=has_chunks,
+        ACC_DTYPE=acc_dtype, CHUNK=SEG_CHUNK, BLOCK_T=cfg["block_t"], BLOCK_K=cfg["block_k"], BLOCK_C=block_c,
+        num_warps=_warps(cfg["block_t"] * block_c),
     )
     return out
 

@@ -26,8 +26,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 KERNELS = (
-    "merge._segment_reduce_kernel", "merge._gather_rows_kernel", "scores._window_scores_kernel",
-    "match._bipartite_match_kernel", "select._topk_rank_kernel", "plan_build._ssm_plan_kernel",
+    "merge._segment_chunk_kernel", "merge._segment_reduce_kernel", "merge._gather_rows_kernel",
+    "scores._window_scores_kernel", "match._row_norms_kernel", "match._bipartite_match_kernel",
+    "match._match_combine_kernel", "select._topk_rank_kernel", "plan_build._ssm_plan_kernel",
     "plan_build._bipartite_lists_kernel", "plan_build._bipartite_plan_kernel",
     "attention._row_lse_kernel", "attention._received_kernel",
 )
