@@ -22,25 +22,59 @@ prefix sum over the dst indicator.
 heads give rows and row starts, and members are placed by a per-row cursor over token blocks
 (a blocked counting sort, ``O(N * BLOCK)``: no all-pairs rank).
 
+Grids are ``(H, W)`` or ``(T, H, W)`` (token ``(t*H + i)*W + j``; windows ``(wt, wh, ww)``
+numbered in window-raster order, positions in raster order inside a window, so a window's
+position 0 is its lowest token and positions ascend with tokens: the formulas above hold
+unchanged). A 2-D grid launches the ``HAS_T=False`` specialisation, the code the kernels had
+before 3-D grids.
+
 One program per batch row; phases are separated by barriers. No host synchronisation.
 """
 import torch
 import triton
 import triton.language as tl
 
+from ..reference.windows import grid_3d
 from .scores import _interpreting
 
 
 @triton.jit
-def _window_of(t, mask, grid_w, win_rows, win_cols, WIN_H: tl.constexpr, WIN_W: tl.constexpr):
+def _window_of(t, mask, grid_h, grid_w, win_slices, win_rows, win_cols, WIN_T: tl.constexpr, WIN_H: tl.constexpr,
+               WIN_W: tl.constexpr, HAS_T: tl.constexpr):
     """For raster tokens ``t``: (inside a whole window, window index, position in the window,
-    the window's lowest token)."""
-    r = t // grid_w
-    c = t % grid_w
-    wi = r // WIN_H
-    wj = c // WIN_W
-    inwin = mask & (wi < win_rows) & (wj < win_cols)
-    return inwin, wi * win_cols + wj, (r % WIN_H) * WIN_W + (c % WIN_W), (wi * WIN_H) * grid_w + wj * WIN_W
+    the window's lowest token). ``grid_h`` and ``win_slices`` (T // wt) are read only when HAS_T."""
+    if HAS_T:
+        frame_size = grid_h * grid_w
+        f = t // frame_size
+        r = (t % frame_size) // grid_w
+        c = t % grid_w
+        wk = f // WIN_T
+        wi = r // WIN_H
+        wj = c // WIN_W
+        inwin = mask & (wk < win_slices) & (wi < win_rows) & (wj < win_cols)
+        g = (wk * win_rows + wi) * win_cols + wj
+        p = ((f % WIN_T) * WIN_H + r % WIN_H) * WIN_W + c % WIN_W
+        lowest = ((wk * WIN_T) * grid_h + wi * WIN_H) * grid_w + wj * WIN_W
+    else:
+        r = t // grid_w
+        c = t % grid_w
+        wi = r // WIN_H
+        wj = c // WIN_W
+        inwin = mask & (wi < win_rows) & (wj < win_cols)
+        g = wi * win_cols + wj
+        p = (r % WIN_H) * WIN_W + (c % WIN_W)
+        lowest = (wi * WIN_H) * grid_w + wj * WIN_W
+    return inwin, g, p, lowest
+
+
+@triton.jit
+def _position_offset(q, grid_h, grid_w, WIN_H: tl.constexpr, WIN_W: tl.constexpr, HAS_T: tl.constexpr):
+    """Token offset of window position ``q`` from the window's lowest token."""
+    if HAS_T:
+        offset = (q // (WIN_H * WIN_W)) * (grid_h * grid_w) + ((q // WIN_W) % WIN_H) * grid_w + q % WIN_W
+    else:
+        offset = (q // WIN_W) * grid_w + q % WIN_W
+    return offset
 
 
 @triton.jit
@@ -69,16 +103,20 @@ def _ssm_plan_kernel(
     rank_ptr, stride_rb, stride_rg,  # int [B, G]: rank among the selected windows, -1 if not selected
     dst_ptr, stride_db, stride_dk,  # int [B, R]: dst position of the k-th selected window (HAS_DST)
     li_ptr, stride_lb, stride_ln,  # int [B, N]: current li (dummy unless HAS_LI)
-    num_tokens, num_rows, grid_w, win_rows, win_cols,  # N, M, W, gh, gw
+    num_tokens, num_rows,  # N, M
+    grid_h, grid_w,  # H, W (H read only when HAS_T)
+    win_slices, win_rows, win_cols,  # gt = T // wt (read only when HAS_T), gh, gw
+    WIN_T: tl.constexpr,  # window depth in frames (1 when not HAS_T)
     WIN_H: tl.constexpr,  # window height
     WIN_W: tl.constexpr,  # window width
+    HAS_T: tl.constexpr,  # the grid has a frame axis (T > 1): 3-D window arithmetic
     HAS_DST: tl.constexpr,  # dst positions are given (else position 0)
     HAS_LI: tl.constexpr,  # li is given (else counted from 0)
     PRUNE: tl.constexpr,  # prune mode: representatives are independent too
     WRITE_LI: tl.constexpr,  # write li_next
     BLOCK: tl.constexpr,  # tokens per step
 ):
-    K: tl.constexpr = WIN_H * WIN_W
+    K: tl.constexpr = WIN_T * WIN_H * WIN_W
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     n_row = b * num_tokens
@@ -90,7 +128,8 @@ def _ssm_plan_kernel(
     for start in range(0, num_tokens, BLOCK):
         t = start + offs
         mask = t < num_tokens
-        inwin, g, p, lowest = _window_of(t, mask, grid_w, win_rows, win_cols, WIN_H, WIN_W)
+        inwin, g, p, lowest = _window_of(t, mask, grid_h, grid_w, win_slices, win_rows, win_cols, WIN_T, WIN_H, WIN_W,
+                                         HAS_T)
         rank = tl.load(rank_ptr + b * stride_rb + g.to(tl.int64) * stride_rg, mask=inwin, other=-1)
         sel = inwin & (rank >= 0)
         nonlow = (sel & (p != 0)).to(tl.int32)
@@ -107,7 +146,8 @@ def _ssm_plan_kernel(
     for start in range(0, num_tokens, BLOCK):
         t = start + offs
         mask = t < num_tokens
-        inwin, g, p, lowest = _window_of(t, mask, grid_w, win_rows, win_cols, WIN_H, WIN_W)
+        inwin, g, p, lowest = _window_of(t, mask, grid_h, grid_w, win_slices, win_rows, win_cols, WIN_T, WIN_H, WIN_W,
+                                         HAS_T)
         rank = tl.load(rank_ptr + b * stride_rb + g.to(tl.int64) * stride_rg, mask=inwin, other=-1)
         sel = inwin & (rank >= 0)
         head = tl.where(sel, lowest, t)
@@ -120,7 +160,7 @@ def _ssm_plan_kernel(
             dp = tl.load(dst_ptr + b * stride_db + tl.maximum(rank, 0).to(tl.int64) * stride_dk, mask=sel, other=0)
         else:
             dp = tl.zeros([BLOCK], dtype=tl.int32)
-        rep = tl.where(sel, lowest + (dp // WIN_W) * grid_w + dp % WIN_W, t)
+        rep = tl.where(sel, lowest + _position_offset(dp, grid_h, grid_w, WIN_H, WIN_W, HAS_T), t)
         tl.store(row_ptr + n_row + t, row, mask=mask)
         tl.store(members_ptr + n_row + slot, t, mask=mask)
         tl.store(blend_ptr + n_row + t, sel, mask=mask)
@@ -140,27 +180,32 @@ def _bipartite_lists_kernel(
     cand_token_ptr,  # int32 [B, N - G] out: the other tokens, ascending (dense)
     li_ptr, stride_lb, stride_ln,  # int [B, N]: li (dst = first argmax over the window) when HAS_LI
     pos_ptr, stride_pb, stride_pg,  # int [B, G]: drawn dst positions (HAS_POS; stride_pb 0: shared)
-    num_tokens, grid_w, win_rows, win_cols,  # N, W, gh, gw
+    num_tokens,  # N
+    grid_h, grid_w,  # H, W (H read only when HAS_T)
+    win_slices, win_rows, win_cols,  # gt = T // wt (read only when HAS_T), gh, gw
+    WIN_T: tl.constexpr,  # window depth in frames (1 when not HAS_T)
     WIN_H: tl.constexpr,  # window height
     WIN_W: tl.constexpr,  # window width
+    HAS_T: tl.constexpr,  # the grid has a frame axis (T > 1): 3-D window arithmetic
     HAS_LI: tl.constexpr,  # dst from li, else from pos
     HAS_POS: tl.constexpr,  # drawn positions are given (else position 0)
     BLOCK: tl.constexpr,  # tokens per step
 ):
-    K: tl.constexpr = WIN_H * WIN_W
+    K: tl.constexpr = WIN_T * WIN_H * WIN_W
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
-    num_windows = win_rows * win_cols
+    num_windows = win_slices * win_rows * win_cols  # win_slices is 1 (a constant on a GPU) for 2-D grids
     carry = tl.zeros([1], dtype=tl.int32)
     for start in range(0, num_tokens, BLOCK):
         t = start + offs
         mask = t < num_tokens
-        inwin, g, p, lowest = _window_of(t, mask, grid_w, win_rows, win_cols, WIN_H, WIN_W)
+        inwin, g, p, lowest = _window_of(t, mask, grid_h, grid_w, win_slices, win_rows, win_cols, WIN_T, WIN_H, WIN_W,
+                                         HAS_T)
         if HAS_LI:
             best = tl.full([BLOCK], -2147483647, dtype=tl.int64)
             dp = tl.zeros([BLOCK], dtype=tl.int32)
             for q in tl.static_range(K):
-                tok = lowest + (q // WIN_W) * grid_w + q % WIN_W
+                tok = lowest + _position_offset(q, grid_h, grid_w, WIN_H, WIN_W, HAS_T)
                 v = tl.load(li_ptr + b * stride_lb + tok.to(tl.int64) * stride_ln, mask=inwin, other=0).to(tl.int64)
                 better = v > best  # strictly greater: the first maximum wins
                 best = tl.where(better, v, best)
@@ -285,25 +330,42 @@ def _block(num_tokens: int, interpret: bool, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(max(num_tokens, 1))))
 
 
-def _plan_outputs(batch, num_tokens, num_rows, device, write_li):
+def _li_target(li_out, batch, num_tokens, device):
+    """``li_out``: a caller's int32 ``[B, N]`` buffer for the next li (contiguous; it may be the
+    current ``li`` itself: each token's counter is read and written by the same lane)."""
+    if li_out is None:
+        return None
+    if li_out.dtype != torch.int32 or tuple(li_out.shape) != (batch, num_tokens) or not li_out.is_contiguous() \
+            or li_out.device != device:
+        raise ValueError(f"li_out must be a contiguous int32 [{batch}, {num_tokens}] tensor on {device}, got "
+                         f"{li_out.dtype} {list(li_out.shape)} on {li_out.device}")
+    return li_out
+
+
+def _plan_outputs(batch, num_tokens, num_rows, device, write_li, li_out=None):
     row = torch.empty(batch, num_tokens, dtype=torch.int32, device=device)
     members = torch.empty(batch, num_tokens, dtype=torch.int32, device=device)
     row_start = torch.empty(batch, num_rows + 1, dtype=torch.int32, device=device)
     rep = torch.empty(batch, num_rows, dtype=torch.int32, device=device)
     blend = torch.empty(batch, num_tokens, dtype=torch.bool, device=device)
-    li_next = torch.empty(batch, num_tokens, dtype=torch.int32, device=device) if write_li else None
+    li_next = None
+    if write_li:
+        li_next = _li_target(li_out, batch, num_tokens, device)
+        if li_next is None:
+            li_next = torch.empty(batch, num_tokens, dtype=torch.int32, device=device)
     return row, members, row_start, rep, blend, li_next
 
 
-def ssm_plan(rank, dst_pos, grid, window, num_rows, li=None, prune=False, write_li=True):
+def ssm_plan(rank, dst_pos, grid, window, num_rows, li=None, prune=False, write_li=True, li_out=None):
     """``(row_of_token, members, row_start, rep_token, blend, li_next or None)`` from the window
     ranks ``[B, G]`` of ``topk_rank`` and the dst positions ``[B, R]`` of the selected windows
-    (None: position 0)."""
+    (None: position 0). ``grid`` ``(H, W)`` or ``(T, H, W)``, ``window`` of the same length.
+    ``li_out``: write the next li there (in place, e.g. into ``li`` itself) instead of a new tensor."""
     batch = rank.shape[0]
-    height, width = grid
-    num_tokens = height * width
+    (depth, height, width), (win_t, win_h, win_w) = grid_3d(grid, window)
+    num_tokens = depth * height * width
     device = rank.device
-    outs = _plan_outputs(batch, num_tokens, num_rows, device, write_li)
+    outs = _plan_outputs(batch, num_tokens, num_rows, device, write_li, li_out)
     if batch == 0 or num_tokens == 0:
         return outs
     scratch = torch.empty(batch, 2, num_tokens, dtype=torch.int32, device=device)
@@ -316,20 +378,23 @@ def ssm_plan(rank, dst_pos, grid, window, num_rows, li=None, prune=False, write_
         rank, rank.stride(0), rank.stride(1),
         dst, dst.stride(0), dst.stride(1),
         li_arg, li_arg.stride(0), li_arg.stride(-1),
-        num_tokens, num_rows, width, height // window[0], width // window[1],
-        WIN_H=window[0], WIN_W=window[1], HAS_DST=has_dst, HAS_LI=li is not None, PRUNE=bool(prune),
-        WRITE_LI=bool(write_li), BLOCK=block, num_warps=4,
+        num_tokens, num_rows,
+        height, width,
+        depth // win_t, height // win_h, width // win_w,
+        WIN_T=win_t, WIN_H=win_h, WIN_W=win_w, HAS_T=depth > 1, HAS_DST=has_dst, HAS_LI=li is not None,
+        PRUNE=bool(prune), WRITE_LI=bool(write_li), BLOCK=block, num_warps=4,
     )
     return outs
 
 
 def bipartite_lists(grid, window, batch, device, li=None, dst_pos=None):
     """``(dst_token [B, G], cand_token [B, N - G])`` int32: the dst of every window from ``li``
-    (first argmax), else from ``dst_pos`` (``[B, G]``, or ``[G]`` shared by the batch), else 0."""
-    height, width = grid
-    num_tokens = height * width
-    win_rows, win_cols = height // window[0], width // window[1]
-    num_windows = win_rows * win_cols
+    (first argmax), else from ``dst_pos`` (``[B, G]``, or ``[G]`` shared by the batch), else 0.
+    ``grid`` ``(H, W)`` or ``(T, H, W)``, ``window`` of the same length."""
+    (depth, height, width), (win_t, win_h, win_w) = grid_3d(grid, window)
+    num_tokens = depth * height * width
+    win_slices, win_rows, win_cols = depth // win_t, height // win_h, width // win_w
+    num_windows = win_slices * win_rows * win_cols
     dst_token = torch.empty(batch, num_windows, dtype=torch.int32, device=device)
     cand_token = torch.empty(batch, num_tokens - num_windows, dtype=torch.int32, device=device)
     if batch == 0 or num_tokens == 0:
@@ -342,20 +407,23 @@ def bipartite_lists(grid, window, batch, device, li=None, dst_pos=None):
         dst_token, cand_token,
         li_arg, li_arg.stride(0), li_arg.stride(-1),
         pos, pos_strides[0], pos_strides[1],
-        num_tokens, width, win_rows, win_cols,
-        WIN_H=window[0], WIN_W=window[1], HAS_LI=li is not None, HAS_POS=dst_pos is not None,
+        num_tokens,
+        height, width,
+        win_slices, win_rows, win_cols,
+        WIN_T=win_t, WIN_H=win_h, WIN_W=win_w, HAS_T=depth > 1, HAS_LI=li is not None, HAS_POS=dst_pos is not None,
         BLOCK=block, num_warps=4,
     )
     return dst_token, cand_token
 
 
 def bipartite_plan(cand_token, dst_token, match, chosen_rank, num_tokens, num_rows, li=None, prune=False,
-                   write_li=True):
+                   write_li=True, li_out=None):
     """``(row_of_token, members, row_start, rep_token, blend, li_next or None)``: the candidates
-    with ``chosen_rank >= 0`` join the dst ``dst_token[match]``; everything else stays alone."""
+    with ``chosen_rank >= 0`` join the dst ``dst_token[match]``; everything else stays alone.
+    ``li_out`` as for ``ssm_plan``."""
     batch = cand_token.shape[0]
     device = cand_token.device
-    outs = _plan_outputs(batch, num_tokens, num_rows, device, write_li)
+    outs = _plan_outputs(batch, num_tokens, num_rows, device, write_li, li_out)
     if batch == 0 or num_tokens == 0:
         return outs
     scratch = torch.empty(batch, 6, num_tokens, dtype=torch.int32, device=device)

@@ -7,6 +7,10 @@ Equivalent PyTorch (``reference.similarity.window_scores``)::
     sim = gram.mean((-2, -1))                    # "released"; "paper": off-diagonal mean
     score = sim + a_s * (li / (li.mean(1) + 1e-6))[:, window_tokens].mean(-1)
 
+Grids are ``(H, W)`` or ``(T, H, W)`` (token ``(t*H + i)*W + j``, windows ``(wt, wh, ww)`` in
+window-raster order, ``reference.windows``); a 2-D grid launches the 2-D specialisation
+(``HAS_T=False``), the same code as before 3-D grids existed.
+
 The kernel never builds the Gram matrix: ``sum_{p,q} cos(t_p, t_q) = ||sum_p t_p / ||t_p|| ||^2``.
 Pass 1 over C accumulates the squared norms of the K tokens of each window, pass 2 the
 squared norm of the sum of the normalised tokens (the second read mostly hits L2).
@@ -16,6 +20,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from ..reference.windows import grid_3d
 
 COSINE_EPS = 1e-6
 PRIORITY_EPS = 1e-6
@@ -29,10 +35,14 @@ def _window_scores_kernel(
     stride_xb, stride_xn, stride_xc,  # strides of x
     li_ptr,  # [B, N] integer frequency counter (dummy when HAS_LI is False)
     stride_lb, stride_ln,  # strides of li
-    num_tokens, num_windows, grid_w, win_cols, channels,  # N, G, W (token grid width), gw (window grid width), C
+    num_tokens, num_windows, channels,  # N, G, C
+    grid_h, grid_w,  # H, W: token grid height (read only when HAS_T) and width
+    win_rows, win_cols,  # gh, gw: window grid height (read only when HAS_T) and width
     a_s,  # weight of the frequency bonus
+    WIN_T: tl.constexpr,  # window depth wt in frames (1 when not HAS_T)
     WIN_H: tl.constexpr,  # window height wh
     WIN_W: tl.constexpr,  # window width ww
+    HAS_T: tl.constexpr,  # the grid has a frame axis (T > 1): 3-D window arithmetic
     HAS_LI: tl.constexpr,  # add a_s * window-averaged priority
     PAPER: tl.constexpr,  # off-diagonal mean instead of the full Gram mean
     BLOCK_G: tl.constexpr,  # windows per program
@@ -42,13 +52,21 @@ def _window_scores_kernel(
 ):
     pid_g = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
-    K: tl.constexpr = WIN_H * WIN_W
+    K: tl.constexpr = WIN_T * WIN_H * WIN_W
 
     g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)  # [BG]
     p = tl.arange(0, BLOCK_K)  # [BK]
-    row = (g // win_cols)[:, None] * WIN_H + (p // WIN_W)[None, :]
-    col = (g % win_cols)[:, None] * WIN_W + (p % WIN_W)[None, :]
-    token = (row * grid_w + col).to(tl.int64)  # [BG, BK]
+    if HAS_T:  # g = (gt * gh + gi) * gw + gj, p = (dt * wh + di) * ww + dj
+        slice_windows = win_rows * win_cols
+        in_slice = g % slice_windows
+        frame = (g // slice_windows)[:, None] * WIN_T + (p // (WIN_H * WIN_W))[None, :]
+        row = (in_slice // win_cols)[:, None] * WIN_H + ((p // WIN_W) % WIN_H)[None, :]
+        col = (in_slice % win_cols)[:, None] * WIN_W + (p % WIN_W)[None, :]
+        token = ((frame * grid_h + row) * grid_w + col).to(tl.int64)  # [BG, BK]
+    else:
+        row = (g // win_cols)[:, None] * WIN_H + (p // WIN_W)[None, :]
+        col = (g % win_cols)[:, None] * WIN_W + (p % WIN_W)[None, :]
+        token = (row * grid_w + col).to(tl.int64)  # [BG, BK]
     valid = (g < num_windows)[:, None] & (p < K)[None, :]
 
     row_ptr = x_ptr + pid_b * stride_xb + token * stride_xn  # [BG, BK]
@@ -141,12 +159,12 @@ def window_score_blocks(num_windows: int, window_size: int, channels: int, inter
 def window_scores(metric: torch.Tensor, grid, window, li=None, a_s: float = 0.0, paper: bool = False) -> torch.Tensor:
     """Launch ``_window_scores_kernel``; returns float32 ``[B, G]``.
 
-    ``metric [B, N, C]`` any strides; ``li`` int ``[B, N]`` or None (no bonus when None)."""
+    ``metric [B, N, C]`` any strides; ``grid`` ``(H, W)`` or ``(T, H, W)`` with ``window`` of the
+    same length; ``li`` int ``[B, N]`` or None (no bonus when None)."""
     batch, num_tokens, channels = metric.shape
-    height, width = grid
-    win_h, win_w = window
+    (depth, height, width), (win_t, win_h, win_w) = grid_3d(grid, window)
     win_rows, win_cols = height // win_h, width // win_w
-    num_windows = win_rows * win_cols
+    num_windows = (depth // win_t) * win_rows * win_cols
     interpret = _interpreting(metric)
     out = torch.empty(batch, num_windows, dtype=torch.float32, device=metric.device)
     if batch == 0 or num_windows == 0:
@@ -156,15 +174,18 @@ def window_scores(metric: torch.Tensor, grid, window, li=None, a_s: float = 0.0,
         li_arg, stride_lb, stride_ln = li, li.stride(0), li.stride(1)
     else:
         li_arg, stride_lb, stride_ln = out, 0, 0
-    block_g, block_k, block_c, num_warps = window_score_blocks(num_windows, win_h * win_w, channels, interpret)
+    block_g, block_k, block_c, num_warps = window_score_blocks(num_windows, win_t * win_h * win_w, channels,
+                                                               interpret)
     launch = (triton.cdiv(num_windows, block_g), batch)
     _window_scores_kernel[launch](
         out, out.stride(0), out.stride(1),
         metric, metric.stride(0), metric.stride(1), metric.stride(2),
         li_arg, stride_lb, stride_ln,
-        num_tokens, num_windows, width, win_cols, channels,
+        num_tokens, num_windows, channels,
+        height, width,
+        win_rows, win_cols,
         float(a_s),
-        WIN_H=win_h, WIN_W=win_w, HAS_LI=has_li, PAPER=bool(paper),
+        WIN_T=win_t, WIN_H=win_h, WIN_W=win_w, HAS_T=depth > 1, HAS_LI=has_li, PAPER=bool(paper),
         BLOCK_G=block_g, BLOCK_K=block_k, BLOCK_C=block_c,
         BLOCK_N=min(1024, triton.next_power_of_2(max(num_tokens, 1))),
         num_warps=num_warps,

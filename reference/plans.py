@@ -4,6 +4,10 @@ Every method decides, for each token, which token it is merged into (its represe
 ``rep_of_token``; itself when it stays alone) plus which tokens take the cache blend;
 ``assemble_plan`` turns that into the plan tensors of SPEC section 4.
 
+``grid`` / ``window``: ``(H, W)`` / ``(wh, ww)``, or ``(T, H, W)`` / ``(wt, wh, ww)`` for a stack
+of frames (``reference.windows``: token ``(t*H + i)*W + j``, windows in window-raster order);
+every builder works on the ``[G, K]`` window table, so both are handled by the same code.
+
 Row order (the package's choice): rows are sorted by their lowest member token index, so
 singleton rows keep raster order and the order does not depend on which token is the dst.
 Members inside a row are in ascending token order.

@@ -1,5 +1,13 @@
-"""Compression-ratio schedule and the token-count rounding rules of the released code."""
+"""Compression-ratio schedule and the token-count rounding rules of the released code.
+
+The counts depend on the grid only through ``N``, ``K`` (tokens per window) and ``G`` (whole
+windows), so 2-D ``(H, W)`` and 3-D ``(T, H, W)`` grids follow the same rules
+(``tokens_removed``).
+"""
 import math
+
+from .windows import num_windows as _num_windows
+from .windows import window_size as _window_size
 
 # The released code merges in multiples of 16 tokens (kernel/tile friendly counts).
 MERGE_GRANULE = 16
@@ -33,3 +41,26 @@ def ssm_windows_to_merge(n_remove: int, window_size: int, num_windows: int) -> i
 def idm_tokens_to_merge(n_remove: int, num_candidates: int) -> int:
     """IDM candidates merged: ``r = floor(min(Na, r_req) / 16) * 16``."""
     return min(num_candidates, max(n_remove, 0)) // MERGE_GRANULE * MERGE_GRANULE
+
+
+TOKEN_REMOVING_METHODS = ("ssm", "idm", "tome")
+
+
+def tokens_removed(method: str, n_remove: int, grid, window) -> int:
+    """``N - M``: tokens a ``method`` plan removes for ``n_remove`` requested tokens on ``grid``
+    (``(H, W)`` or ``(T, H, W)``) with ``window`` of the same length. Shapes only, no tensors.
+
+    ``"ssm"``: ``(K - 1) * ssm_windows_to_merge(n_remove, K, G)``; ``"idm"``:
+    ``idm_tokens_to_merge(n_remove, N - G)``; ``"tome"``: ``min(n_remove, N - G)``.
+    """
+    num_tokens = 1
+    for v in grid:
+        num_tokens *= v
+    size, count = _window_size(window), _num_windows(grid, window)
+    if method == "ssm":
+        return (size - 1) * ssm_windows_to_merge(n_remove, size, count)
+    if method == "idm":
+        return idm_tokens_to_merge(n_remove, num_tokens - count)
+    if method == "tome":
+        return min(max(n_remove, 0), num_tokens - count)
+    raise ValueError(f"method must be one of {TOKEN_REMOVING_METHODS}, got {method!r}")

@@ -39,7 +39,8 @@ def window_priority(li: torch.Tensor, grid, window) -> torch.Tensor:
 
 def window_scores(metric, grid, window=(2, 2), li=None, a_s=0.0, score="released",
                   dtype=torch.float32) -> torch.Tensor:
-    """SSM window score ``[B, G]`` float32 (SPEC 3.2 steps 1-2).
+    """SSM window score ``[B, G]`` float32 (SPEC 3.2 steps 1-2), on a ``(H, W)`` or ``(T, H, W)``
+    grid (``reference.windows``).
 
     ``score="released"``: mean of the full K x K cosine Gram matrix of the window's tokens,
     diagonal included (``gram.mean((-2, -1))``). ``score="paper"``: mean of the K*(K-1)

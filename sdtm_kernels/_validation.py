@@ -141,17 +141,43 @@ def check_same_device(name, value, reference_name, reference):
         raise ValueError(f"{name} is on {value.device} but {reference_name} is on {reference.device}")
 
 
+def check_extent(name, value):
+    """A token grid or window extent: 2 positive ints ``(height, width)`` or 3
+    ``(frames, height, width)``, e.g. ``grid=(T, H, W)``, ``window=(wt, wh, ww)``."""
+    if not isinstance(value, (tuple, list)) or len(value) not in (2, 3):
+        raise TypeError(f"{name} must be a pair (height, width) or a triple (frames, height, width) of ints, "
+                        f"got {value!r}")
+    return tuple(check_int(f"{name}[{i}]", v, minimum=1) for i, v in enumerate(value))
+
+
+def _dims(extent):
+    return "x".join(str(v) for v in extent)
+
+
 def check_grid(grid, window, num_tokens):
-    """Validate ``grid`` against N and ``window`` against the grid; return both as tuples."""
-    height, width = check_pair("grid", grid)
-    if height * width != num_tokens:
-        raise ValueError(f"grid {height}x{width} has {height * width} tokens but the metric has N={num_tokens}")
-    win_h, win_w = check_pair("window", window)
-    if win_h * win_w < 2:
-        raise ValueError(f"window must hold at least 2 tokens, got {win_h}x{win_w}")
-    if win_h > height or win_w > width:
-        raise ValueError(f"window {win_h}x{win_w} is larger than the grid {height}x{width}")
-    return (height, width), (win_h, win_w)
+    """Validate ``grid`` against N and ``window`` against the grid; return both as tuples.
+
+    ``grid`` is ``(H, W)`` or ``(T, H, W)`` (frame-major raster order), ``window`` ``(wh, ww)`` or
+    ``(wt, wh, ww)`` of the same length; the returned tuples keep the given length."""
+    grid = check_extent("grid", grid)
+    size = 1
+    for v in grid:
+        size *= v
+    if size != num_tokens:
+        raise ValueError(f"grid {_dims(grid)} has {size} tokens but the metric has N={num_tokens}")
+    window = check_extent("window", window)
+    if len(window) != len(grid):
+        example = "(1, 2, 2) for 2x2 windows in each frame" if len(grid) == 3 else "(2, 2)"
+        raise TypeError(f"window {window} has {len(window)} entries but grid {grid} has {len(grid)}: pass a window "
+                        f"of the grid's length, e.g. window={example}")
+    window_tokens = 1
+    for v in window:
+        window_tokens *= v
+    if window_tokens < 2:
+        raise ValueError(f"window must hold at least 2 tokens, got {_dims(window)}")
+    if any(w > g for w, g in zip(window, grid)):
+        raise ValueError(f"window {_dims(window)} is larger than the grid {_dims(grid)}")
+    return grid, window
 
 
 def check_li(li, metric):

@@ -28,7 +28,9 @@ class MergePlan:
         blend         bool  [B, N]   tokens that take ``mcw * value + (1 - mcw) * cache``
         num_tokens    N, num_rows M  Python ints; ``num_removed = N - M``
 
-    Rows are ordered by their lowest member token, so singletons keep raster order.
+    Rows are ordered by their lowest member token, so singletons keep raster order. A plan
+    knows tokens only by index: it serves 2-D ``(H, W)`` and 3-D ``(T, H, W)`` grids alike
+    (tokens in raster order, ``(t*H + i)*W + j``; see ``planning``).
     Construction checks shapes and dtypes always; it checks the contents (every token in
     exactly one non-empty row, counts summing to N, representatives inside their rows) when
     ``validate=True``, or by default for CPU tensors outside ``torch.compile`` and, in debug

@@ -299,6 +299,10 @@ def _drive(recorder, quick=False):
         x = tokens(1, num_tokens, 64)
         idx = torch.zeros(1, num_tokens, dtype=torch.int32)
         k_merge.prune(x, idx)
+        # N < SEG_CHUNK: the segment reduction runs without its first (chunk) pass.
+        section(f"sweep segment reduce N={num_tokens}")
+        k_merge.merge_mean(x, torch.arange(num_tokens, dtype=torch.int32)[None],
+                           torch.tensor([[0, num_tokens]], dtype=torch.int32))
     for n in (10, 20, 40, 100, 200, 400, 1000, 2000, 3000):  # topk BLOCK 16 .. 4096, warps 4 / 8
         section(f"sweep topk_rank n={n}")
         k_select.topk_rank(torch.randn(2, n, generator=gen), n // 3)
@@ -316,6 +320,30 @@ def _drive(recorder, quick=False):
                 plan_idm(metric, (side, side), n // 2, li=li_arg, random_dst=random,
                                       generator=torch.Generator().manual_seed(0), li_mode=mode, backend=T)
         plan_tome(metric, (side, side), n // 3, random_dst=True, backend=T)
+    # 3-D grids (T, H, W): the HAS_T specialisations of the window-score and plan-build kernels
+    # (per-frame and cross-frame windows, extents the windows do not divide, token blocks 128 .. 1024).
+    grids_3d = (((2, 8, 8), (2, 2, 2)), ((3, 6, 10), (1, 2, 2)), ((5, 4, 4), (2, 1, 3)), ((4, 16, 16), (1, 2, 2)))
+    for grid, window in grids_3d:
+        if quick and grid[1] not in (8, 6):
+            continue
+        n = grid[0] * grid[1] * grid[2]
+        metric = tokens(2, n, 16)
+        li = li_for(2, n)
+        section(f"3-D plan builds grid={grid} window={window}")
+        for li_arg, random in ((None, False), (li, True)):
+            for mode in ("mean", "prune"):
+                plan_ssm(metric, grid, n // 2, window=window, li=li_arg, random_dst=random,
+                         generator=torch.Generator().manual_seed(0), li_mode=mode, backend=T)
+                plan_idm(metric, grid, n // 2, window=window, li=li_arg, random_dst=random,
+                         generator=torch.Generator().manual_seed(0), li_mode=mode, backend=T)
+        plan_tome(metric, grid, n // 3, window=window, random_dst=True, backend=T)
+        for dtype, channels in itertools.product(floats, (16, 1536)):
+            if quick and channels != 16 and dtype != torch.float16:
+                continue
+            section(f"3-D window_scores {dtype} C={channels} grid={grid} window={window}")
+            x = tokens(1, n, channels, dtype)
+            for li_arg, paper in ((None, False), (li[:1], True)):
+                k_scores.window_scores(x, grid, window, li=li_arg, a_s=0.05, paper=paper)
     for dtype, channels in itertools.product(floats, (8, 16, 32, 64, 128, 1536)):
         for window in ((2, 2), (2, 1), (3, 3), (4, 4), (1, 1)):
             if quick and dtype != torch.float16 and window != (2, 2):
@@ -329,6 +357,10 @@ def _drive(recorder, quick=False):
             section(f"sweep bipartite_match {dtype} C={channels} Na={num_cand} D={num_dst}")
             metric = tokens(1, 64, channels, dtype)
             k_match.bipartite_match(metric, torch.arange(num_cand)[None], torch.arange(64 - num_dst, 64)[None])
+        # Dsts split across programs (several 64-wide tiles), then the combine kernel.
+        section(f"sweep bipartite_match split {dtype} C={channels} Na=40 D=200")
+        metric = tokens(1, 256, channels, dtype)
+        k_match.bipartite_match(metric, torch.arange(40)[None], torch.arange(56, 256)[None])
 
 
 def cmd_record(out_path, quick=False, execute_all=False):

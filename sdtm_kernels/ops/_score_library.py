@@ -4,6 +4,9 @@ Every op takes an already resolved ``backend`` (``"reference"`` or ``"triton"``)
 wrappers in ``ops/scores.py`` and ``planning.py`` validate and resolve it. Triton is imported
 inside the ``"triton"`` branches only, so ``import sdtm_kernels`` never imports it. Each op has
 a fake implementation (shapes only) for ``torch.compile`` and meta tensors.
+
+Grids: ``grid_h, grid_w, win_h, win_w`` plus the optional trailing ``grid_t, win_t`` (frames of
+a ``(T, H, W)`` grid and of a ``(wt, wh, ww)`` window; default 1, a 2-D grid).
 """
 from typing import Optional, Tuple
 
@@ -21,21 +24,22 @@ def _check_backend(backend: str) -> None:
 
 @torch.library.custom_op("sdtm::window_scores", mutates_args=())
 def window_scores(metric: Tensor, li: Optional[Tensor], grid_h: int, grid_w: int, win_h: int, win_w: int,
-                  a_s: float, paper: bool, backend: str) -> Tensor:
-    """float32 ``[B, G]``: ``cos_gram(metric[:, window]).mean() + a_s * window_mean(li / mean(li))``."""
+                  a_s: float, paper: bool, backend: str, grid_t: int = 1, win_t: int = 1) -> Tensor:
+    """float32 ``[B, G]``: ``cos_gram(metric[:, window]).mean() + a_s * window_mean(li / mean(li))``
+    on the ``(grid_t, grid_h, grid_w)`` grid with ``(win_t, win_h, win_w)`` windows."""
     _check_backend(backend)
+    grid, window = (grid_t, grid_h, grid_w), (win_t, win_h, win_w)
     if backend == "triton":
         from ..csrc_triton import scores as kernels
 
-        return kernels.window_scores(metric, (grid_h, grid_w), (win_h, win_w), li=li, a_s=a_s, paper=paper)
+        return kernels.window_scores(metric, grid, window, li=li, a_s=a_s, paper=paper)
     score = "paper" if paper else "released"
-    return ref_similarity.window_scores(metric, (grid_h, grid_w), (win_h, win_w), li=li, a_s=a_s,
-                                        score=score).contiguous()
+    return ref_similarity.window_scores(metric, grid, window, li=li, a_s=a_s, score=score).contiguous()
 
 
 @window_scores.register_fake
-def _(metric, li, grid_h, grid_w, win_h, win_w, a_s, paper, backend):
-    num_windows = (grid_h // win_h) * (grid_w // win_w)
+def _(metric, li, grid_h, grid_w, win_h, win_w, a_s, paper, backend, grid_t=1, win_t=1):
+    num_windows = (grid_t // win_t) * (grid_h // win_h) * (grid_w // win_w)
     return metric.new_empty((metric.shape[0], num_windows), dtype=torch.float32)
 
 

@@ -12,6 +12,7 @@ from .._validation import (
     values_checked,
 )
 from ..backend import resolve_backend
+from ..reference.windows import grid_3d
 from . import _score_library as lib
 
 SCORE_VARIANTS = ("released", "paper")
@@ -22,6 +23,8 @@ def window_scores(metric, grid, *, window=(2, 2), li=None, a_s=0.0, score="relea
 
     Equivalent to ``cos_gram(metric[:, window_tokens]).mean((-2, -1)) + a_s * li_priority``
     (``score="paper"``: off-diagonal mean). See ``sdtm_kernels.reference.similarity``.
+    ``grid`` is ``(H, W)`` or ``(T, H, W)`` (token ``(t*H + i)*W + j``), ``window`` ``(wh, ww)`` or
+    ``(wt, wh, ww)`` of the same length; windows in window-raster order.
     """
     check_float_tokens("metric", metric)
     grid, window = check_grid(grid, window, metric.shape[1])
@@ -32,7 +35,8 @@ def window_scores(metric, grid, *, window=(2, 2), li=None, a_s=0.0, score="relea
     backend = resolve_backend(backend, metric.device, "window_scores")
     if a_s == 0.0:
         li = None  # no bonus: the kernel skips reading li
-    return lib.window_scores(metric, li, grid[0], grid[1], window[0], window[1], a_s, score == "paper", backend)
+    (grid_t, grid_h, grid_w), (win_t, win_h, win_w) = grid_3d(grid, window)
+    return lib.window_scores(metric, li, grid_h, grid_w, win_h, win_w, a_s, score == "paper", backend, grid_t, win_t)
 
 
 def bipartite_match(metric, cand_idx, dst_idx, *, backend=None):
