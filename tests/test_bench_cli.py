@@ -68,6 +68,12 @@ def _check_result(result, out, printed, family):
     launches = result["launches"]  # the main job prints the launch count per merged block
     assert launches["backend"] == "triton" and 0 < launches["ssm"]["per_block"] <= 8
     assert 0 < launches["idm"]["per_block"] <= 8 and "launches SDTM adds per merged block" in printed
+    host = result["host_time"]  # and SDTM's host time per merged block vs an unpatched block (no timing asserted)
+    assert "error" not in host, host
+    assert host["unpatched"]["host_us"] > 0 and host["ssm"]["merged"] and host["idm"]["merged"]
+    assert isinstance(host["met"], bool) and host["target_share"] == pytest.approx(0.2)
+    assert "host time per merged block" in printed and "target <= 20%" in printed
+    assert "host time per merged block" in md and "Measurements:" in md
     assert check["plan_ssm"]["num_rows_triton"] == check["plan_ssm"]["num_rows_reference"]
     assert check["plan_idm"]["num_rows_triton"] == check["plan_idm"]["num_rows_reference"]
 

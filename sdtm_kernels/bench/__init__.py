@@ -59,6 +59,21 @@ On CUDA a timed section synchronises the device, so the timed sections are measu
 separate, instrumented pass of the same schedule and the share is bookkeeping time /
 that pass's total; on CPU the sections cost a few microseconds and the main pass is timed.
 
+Host time per merged block (``hosttime.py``; skipped with ``--no-host-time``, and on CPU with
+``--no-kernel-check``): one tiny block of the model family called on its own, unpatched and merged
+by SDTM on the Triton backend at the first SSM and IDM step; SDTM's host time = merged -
+unpatched block, reported against the target "at most 20% of an unpatched block". On a GPU the
+block's wall time without synchronisation is its host time; on CPU the Triton interpreter's
+launches are recorded once and replayed (their time subtracted, a GPU launch's host cost charged
+instead), see that module.
+
+``--compile`` (``compiled.py``): every run again on a fresh model copy compiled in place with
+``torch.compile`` (``--compile-backend``, default inductor; ``--compile-mode``; ``--cuda-graphs``
+= mode "reduce-overhead", CUDA only): one untimed generation compiles, then the timed ones; SDTM's
+speedup over the compiled baseline, compile time (first-generation extra time), graphs, graph
+breaks, recompiles with their reasons, and the distinct merged token counts per generation. A
+compile error is reported in its run (and as a warning), the other runs go on.
+
 Outputs (``--out``, default ``./sdtm_bench_out``): ``results.json`` (device, versions, date,
 command line, config, every run), ``results.md`` (the table) and ``results.png`` (step
 times and tokens per step; only when matplotlib is installed). ``--pipeline ID_OR_PATH``

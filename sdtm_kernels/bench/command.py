@@ -7,9 +7,11 @@ import time
 
 import torch
 
+from .compiled import check_compile_args
 from .common import DEFAULT_OUT, PRESETS_RUN, BenchError, prepare_environment, resolve_device_dtype
 from .pipeline import run_pipeline
-from .report import environment, legend_lines, notes, summary_lines, text_table, warning_lines, write_outputs
+from .report import (compile_table, environment, legend_lines, method_lines, notes, summary_lines, text_table,
+                     warning_lines, write_outputs)
 from .suite import run_suite
 
 EXIT_STRICT = 3  # --strict and a sanity warning
@@ -59,6 +61,18 @@ def add_arguments(parser):
                         help="a diffusers pipeline (Hub id or local folder) instead of the random model")
     parser.add_argument("--prompt", default="a photo of a red fox in the snow, highly detailed",
                         help="--pipeline: the prompt")
+    parser.add_argument("--no-host-time", action="store_true",
+                        help="skip the host time per merged block (a tiny block, SDTM vs unpatched)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time every run with the transformer torch.compile'd (one untimed generation "
+                             "compiles): speedup over the compiled baseline, compile time, graphs, recompiles")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="--compile: the dynamo backend (default inductor; eager / aot_eager for a fast check)")
+    parser.add_argument("--compile-mode", default=None,
+                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                        help="--compile: inductor's mode (default: inductor's default)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="CUDA only: --compile with mode='reduce-overhead' (CUDA graphs); an error on CPU")
     return parser
 
 
@@ -72,6 +86,8 @@ def _check_args(args):
         raise BenchError("--steps must be >= 2 (step 0 is a protected step)")
     if args.size is not None and args.latent is not None:
         raise BenchError("pass --size (image pixels) or --latent, not both")
+    if hasattr(args, "compile"):
+        check_compile_args(args)
 
 
 def main(argv=None, log=print):
@@ -107,11 +123,18 @@ def run_args(args, argv=None, log=print):
     result["wall_s"] = time.perf_counter() - wall
     paths = write_outputs(result, args.out)
     log(text_table(result))
+    if result.get("compile"):
+        log(compile_table(result))
     for line in summary_lines(result) + notes(result):
         log(line)
     log("columns:")
     for line in legend_lines():
         log("  " + line)
+    methods = method_lines(result)
+    if methods:
+        log("measurements:")
+        for line in methods:
+            log("  " + line)
     for line in warning_lines(result):
         log(line)
         print(line, file=sys.stderr)

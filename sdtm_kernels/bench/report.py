@@ -108,7 +108,94 @@ def summary_lines(result):
                      f"{launches['model']}): {stages} (budget 8)")
     elif launches:
         lines.append(f"launch count not run: {launches['error']}")
+    lines.extend(host_time_lines(result.get("host_time")))
+    lines.extend(compile_summary_lines(result.get("compile")))
     return lines
+
+
+def host_time_lines(host):
+    """The host time per merged block (``hosttime.py``) in one line, or why it is missing."""
+    if not host:
+        return []
+    if "error" in host:
+        return [f"host time per merged block not measured: {host['error']}"]
+    base = host["unpatched"]["host_us"]
+    parts = [f"{kind.upper()} +{host[kind]['added_us']:.0f} us ({100 * host[kind]['added_share']:.0f}%)"
+             for kind in ("ssm", "idm") if kind in host]
+    verdict = "met" if host.get("met") else "NOT met"
+    charge = (f"; Triton launches replayed, {host['triton_launch_us']:g} us charged each"
+              if host.get("triton_launch_us") is not None else "")
+    return [f"host time per merged block ({host['model']}, {host['backend']} backend{charge}): unpatched block "
+            f"{base:.0f} us; SDTM adds " + ", ".join(parts) + f"; target <= {100 * host['target_share']:.0f}% of "
+            f"the unpatched block: {verdict} (compute left in the numbers ~{host['compute_residue_us']:.0f} us, "
+            "see measurements)"]
+
+
+def compile_summary_lines(comp):
+    """``--compile``: one line per compiled run and SDTM's speedup over the compiled baseline."""
+    if not comp:
+        return []
+    lines = [f"--compile ({comp['label']}):"]
+    for run in comp["runs"]:
+        if "error" in run:
+            lines.append(f"  {run['name']}: compile/run FAILED: {run['error']}")
+            continue
+        speed = run.get("speedup_vs_compiled_baseline")
+        tokens = run.get("merged_token_counts")
+        reasons = run.get("recompile_reasons") or []
+        first = f"; first: {reasons[0]['reason'][:160]}" if isinstance(reasons, list) and reasons else ""
+        limit = "; recompile limit HIT (frames past it run eagerly)" if run.get("recompile_limit_hit") else ""
+        lines.append(
+            f"  {run['name']}: {run['total_s']:.2f} s compiled vs {run.get('eager_total_s', float('nan')):.2f} s eager "
+            f"({run.get('speedup_vs_eager', float('nan')):.2f}x); "
+            + (f"{speed:.2f}x over the compiled baseline; " if speed is not None and run.get("preset") else "")
+            + f"compile {run['compile_s']:.1f} s; {run['unique_graphs']} graphs, {run['graph_breaks']} graph breaks, "
+            f"{run['recompiles'] if run['recompiles'] is not None else '?'} recompiles"
+            + (f" ({run['graphs_compiled_while_timed']} graphs compiled during the timed generations)"
+               if run.get("graphs_compiled_while_timed") else "")
+            + (f"; {tokens['distinct']} distinct merged token counts (attn, mlp) per generation" if tokens else "")
+            + (f"; rel.L2 vs eager {run['rel_l2_vs_eager']:.1e}" if run.get("rel_l2_vs_eager") is not None else "")
+            + limit + first)
+    return lines
+
+
+COMPILE_COLUMNS = (("compiled run", "name", "{}"), ("total s", "total_s", "{:.2f}"),
+                   ("ms/step", "step_ms_mean", "{:.1f}"), ("vs compiled unpatched", "speedup_vs_compiled_baseline",
+                                                          "{:.2f}x"),
+                   ("vs eager", "speedup_vs_eager", "{:.2f}x"), ("compile s", "compile_s", "{:.1f}"),
+                   ("graphs", "unique_graphs", "{}"), ("recompiles", "recompiles", "{}"),
+                   ("breaks", "graph_breaks", "{}"), ("token counts", "_distinct", "{}"),
+                   ("rel.L2 vs eager", "rel_l2_vs_eager", "{:.1e}"))
+
+
+def _compile_rows(comp):
+    rows = []
+    for run in comp["runs"]:
+        run = dict(run, _distinct=(run.get("merged_token_counts") or {}).get("distinct"))
+        if "error" in run:
+            rows.append([run["name"], "FAILED"] + ["-"] * (len(COMPILE_COLUMNS) - 2))
+        else:
+            rows.append([_cell(run, k, f) for _, k, f in COMPILE_COLUMNS])
+    return rows
+
+
+def compile_table(result):
+    """The compiled runs as a console table (``--compile``)."""
+    comp = result["compile"]
+    rows = [[h for h, _, _ in COMPILE_COLUMNS]] + _compile_rows(comp)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COMPILE_COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    errors = [f"  {run['name']} FAILED: {run['error']}" for run in comp["runs"] if "error" in run]
+    return "\n".join([comp["label"] + ":", *lines, *errors])
+
+
+def _compile_markdown(comp):
+    head = "| " + " | ".join(h for h, _, _ in COMPILE_COLUMNS) + " |"
+    sep = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COMPILE_COLUMNS))) + "|"
+    body = ["| " + " | ".join(row) + " |" for row in _compile_rows(comp)]
+    return ["", f"Compiled ({comp['label']}):", "", head, sep, *body]
 
 
 def notes(result):
@@ -132,6 +219,35 @@ def legend_lines():
     return [f"{name}: {text}" for name, text in LEGEND.items()]
 
 
+METHODS = {
+    "host time per merged block": (
+        "one block of the model family at tiny sizes (C=32, 8x8 tokens, batch 2, 1 thread; compute small "
+        "next to the dispatch) called on its own many times, unpatched and merged by SDTM (triton backend, "
+        "first SSM and IDM step), median call; SDTM's host time = merged block - unpatched block, target <= 20% "
+        "of the unpatched block. On a GPU kernels run asynchronously, so this wall time is the host time. On CPU "
+        "the Triton interpreter runs the kernels in Python, which is not host time and slows the host code after "
+        "it (caches, garbage collector): each launch is run once in the interpreter and replayed in the timed "
+        "calls (its saved outputs copied back), the time inside a launch is subtracted and a real Triton "
+        "launch's host cost (12 us, JITFunction.run on recent GPUs) charged instead. Compute still left: the "
+        "unpatched block minus the same block at a quarter of the tokens; merged blocks compute on fewer rows, "
+        "so the added time is understated by up to that much (sdtm_kernels/bench/hosttime.py)"),
+    "--compile": (
+        "each run on a fresh model copy (same weights), patched, then model.compile(backend, mode) (whole model, "
+        "SDTM hooks inside); dynamo reset before each run; one untimed generation compiles, then the timed "
+        "generations (per step the minimum). compile s = first generation - mean timed generation; graphs = "
+        "counters['stats']['unique_graphs']; recompiles with dynamo's guard-failure reasons (results.json); "
+        "token counts = distinct (attn, mlp) merged token counts of one generation (state.stats): each is a "
+        "shape a compiled block must handle. On CPU inductor emits C++/OpenMP code: a CPU number"),
+}
+
+
+def method_lines(result):
+    """How the extra measurements of ``result`` (host time, --compile) were made."""
+    keys = [key for key, field in (("host time per merged block", "host_time"), ("--compile", "compile"))
+            if result.get(field)]
+    return [f"{key}: {METHODS[key]}" for key in keys]
+
+
 def warning_lines(result):
     return [f"WARNING: {w}" for w in result.get("warnings", [])]
 
@@ -142,8 +258,12 @@ def markdown_table(result):
     sep = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|"
     body = ["| " + " | ".join(_cell(r, k, f) for _, k, f in COLUMNS) + " |" for r in result["runs"]]
     extra = [f"**{line}**" for line in warning_lines(result)] + notes(result)
+    compiled = _compile_markdown(result["compile"]) if result.get("compile") else []
     legend = ["", "Columns:", ""] + [f"- {line}" for line in legend_lines()]
-    return "\n".join([head, sep, *body, "", *summary_lines(result), "", *extra, *legend]) + "\n"
+    methods = method_lines(result)
+    if methods:
+        legend += ["", "Measurements:", ""] + [f"- {line}" for line in methods]
+    return "\n".join([head, sep, *body, *compiled, "", *summary_lines(result), "", *extra, *legend]) + "\n"
 
 
 def write_outputs(result, out_dir):

@@ -61,6 +61,12 @@ def findings(result):
         if spread is not None and spread > REPEAT_SPREAD_MARGIN:
             warnings.append(f"{run['name']}: repeats disagree by {100 * spread:.0f}% (> "
                             f"{100 * REPEAT_SPREAD_MARGIN:.0f}%): the machine's speed changed during the run")
+    for run in (result.get("compile") or {}).get("runs", []):
+        if "error" in run:
+            warnings.append(f"--compile: {run['name']} failed: {run['error']}")
+        elif run.get("graphs_compiled_while_timed"):
+            warnings.append(f"--compile: {run['name']}: {run['graphs_compiled_while_timed']} graphs were compiled "
+                            "during the timed generations: its compiled time includes compiling")
     share = result.get("cpu_usage")
     if share and share.get("cpu_share") is not None and share["cpu_share"] < MIN_CPU_SHARE:
         warnings.append(f"the machine looks loaded: this process got {100 * share['cpu_share']:.0f}% of "

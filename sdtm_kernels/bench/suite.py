@@ -226,13 +226,32 @@ def run_suite(args, log=print):
               "runs": runs, "backend_diffs": backend_diffs}
     if cpu_usage is not None:
         result["cpu_usage"] = cpu_usage.finish()
+    if getattr(args, "compile", False):
+        from .compiled import run_compiled
+
+        del models  # the eager copies: the compiled runs build their own
+        result["compile"] = run_compiled(args, spec, steps, noise, configs, runs, finals, log)
     result["warnings"] = findings(result)
     if not cuda and not args.no_kernel_check:
         log("checking the Triton kernels (interpreter) against the reference on a small sample ...")
         result["kernel_check"] = kernel_check(seed=args.seed)
     if cuda or not args.no_kernel_check:
         result["launches"] = launch_count(spec, bench_model, device, dtype, steps, args, log)
+        if not getattr(args, "no_host_time", False):
+            result["host_time"] = host_time(spec, device, dtype, log)
     return result
+
+
+def host_time(spec, device, dtype, log):
+    """SDTM's host time per merged block vs an unpatched block's (``sdtm_kernels.bench.hosttime``),
+    on a tiny block of the model family (Triton backend; launches replayed on CPU)."""
+    from .hosttime import merged_block_host_time
+
+    log("measuring the host time SDTM adds per merged block (tiny block, triton backend) ...")
+    try:
+        return merged_block_host_time(family=spec["family"], device=device, dtype=dtype)
+    except Exception as exc:  # noqa: BLE001 - informational; the timings above stand
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def launch_count(spec, bench_model, device, dtype, steps, args, log):
