@@ -50,7 +50,7 @@ def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None
     cross_attention_kwargs = cross_attention_kwargs.copy() if cross_attention_kwargs is not None else {}
     gligen_kwargs = cross_attention_kwargs.pop("gligen", None)
 
-    ctx = block_context(state, self._sdtm_layer, norm_hidden_states)
+    ctx = block_context(state, self._sdtm_slot, norm_hidden_states)
 
     # 1. self-attention
     attn_output = self.attn1(

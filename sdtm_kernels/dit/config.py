@@ -5,7 +5,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
-from .._validation import check_float, check_int, check_pair, check_ratio_deviation
+from .._validation import check_extent, check_float, check_int, check_ratio_deviation
 from ..backend import BACKENDS
 
 MERGE_MODES = ("mean", "prune")
@@ -47,6 +47,12 @@ class SDTMConfig:
     min_saving           a merged block must save at least this fraction of a block's FLOPs at
                          the step's token count, else it runs exactly (the stage would not pay
                          for its bookkeeping; in [0, 1); 0: always merge, as the release).
+    ratio_levels         few shapes: each stage's removal fraction is rounded to the nearest of
+                         this many evenly spaced levels between the stage's lowest and highest
+                         scheduled fraction, so a generation has at most ``2 * ratio_levels``
+                         merged token counts (one compiled graph / CUDA graph each; the exact
+                         schedule has 13-27 at 1024²). None or 0: the release's exact per-step
+                         schedule. docs/SEMANTICS.md, "Few shapes".
     """
 
     ratio: float = 0.3
@@ -68,6 +74,7 @@ class SDTMConfig:
     prompt_reweight: bool = False
     a_p: Union[float, Tuple[float, float]] = 1.0
     min_saving: float = 0.0
+    ratio_levels: Optional[int] = 3
 
     def __post_init__(self):
         ratio, deviation = check_float("ratio", self.ratio), check_float("deviation", self.deviation)
@@ -103,8 +110,8 @@ class SDTMConfig:
             raise ValueError(f"backend must be one of None, {', '.join(map(repr, BACKENDS))}; got {self.backend!r}")
         if not isinstance(self.merge_cross_attention, bool):
             raise TypeError(f"merge_cross_attention must be a bool, got {type(self.merge_cross_attention).__name__}")
-        window = check_pair("window", self.window)
-        if window[0] * window[1] < 2:
+        window = check_extent("window", self.window)  # (wh, ww), or (wt, wh, ww) for video grids
+        if math.prod(window) < 2:
             raise ValueError(f"window must hold at least 2 tokens, got {window}")
         if self.idm_score not in IDM_SCORES:
             raise ValueError(f"idm_score must be one of {IDM_SCORES}, got {self.idm_score!r}")
@@ -123,10 +130,13 @@ class SDTMConfig:
         min_saving = check_float("min_saving", self.min_saving)
         if not 0.0 <= min_saving < 1.0:
             raise ValueError(f"min_saving must be in [0, 1), got {min_saving}")
+        ratio_levels = self.ratio_levels
+        if ratio_levels is not None:
+            ratio_levels = check_int("ratio_levels", ratio_levels, minimum=0) or None
         for name, value in (("a_d", a_d), ("a_p", a_p), ("ratio", ratio), ("deviation", deviation), ("switch_step", switch),
                             ("protect_steps", protect_steps), ("protect_layers", protect_layers), ("mcw", mcw),
                             ("a_s", a_s), ("seed", seed), ("num_steps", num_steps), ("window", window),
-                            ("min_saving", min_saving)):
+                            ("min_saving", min_saving), ("ratio_levels", ratio_levels)):
             object.__setattr__(self, name, value)
 
     def switch_index(self, num_steps: int) -> int:

@@ -20,29 +20,45 @@ stream when autocast makes the sub-layer outputs bf16). Plans are built with aut
 so a plan depends on the metric only.
 """
 import contextlib
+import math
 from typing import Optional
 
 import torch
 
-from .state import ATTENTION_SUBLAYERS, SDTMState
+from .state import ATTENTION_SUBLAYERS, BlockSlot, SDTMState
 
 
 class BlockContext:
     """What one block does at the current step: ``mode`` in ``"exact"``, ``"layer"``,
-    ``"protected"``, ``"ssm"``, ``"idm"``; ``plan`` (``MergePlan`` or None)."""
+    ``"protected"``, ``"skip"``, ``"ssm"``, ``"idm"``; ``plan`` (``MergePlan`` or None).
 
-    def __init__(self, state: Optional[SDTMState], layer: int, mode: str, plan=None, num_tokens: int = 0):
+    ``slot`` is the block's ``BlockSlot``. Statistics: in eager mode the record goes straight to
+    ``state.stats``; in a compiled block it is a fresh dict filled in the graph and handed to
+    ``end_call`` through the slot (no Python state the graph would have to guard on)."""
+
+    def __init__(self, state: Optional[SDTMState], slot: Optional[BlockSlot], mode: str, plan=None,
+                 num_tokens: int = 0):
+        if state is not None and not isinstance(slot, BlockSlot):
+            slot = state.slot(slot)  # a layer index
         self.state = state
-        self.layer = layer
+        self.slot = slot
         self.mode = mode
         self.plan = plan
         self.num_tokens = num_tokens
         self.record = {}
         if state is not None:
-            self.record = {"step": state.step, "call": state.call, "layer": layer, "mode": mode}
-            if state.keep_plans:
-                self.record["plan"] = plan
-            state.stats.append(self.record)
+            if torch.compiler.is_compiling():
+                self.record = {"mode": mode}
+                slot.traced = self.record
+            else:
+                self.record = {"step": state.step, "call": state.call, "layer": slot.layer, "mode": mode}
+                if state.keep_plans:
+                    self.record["plan"] = plan
+                state.stats.append(self.record)
+
+    @property
+    def layer(self) -> int:
+        return self.slot.layer
 
     @property
     def num_rows(self) -> int:
@@ -97,7 +113,7 @@ class BlockContext:
             like = _like(residual, y.dtype if gate is None else torch.promote_types(gate.dtype, y.dtype))
             cache = None
             for name in cache_names or (sublayer,):
-                part = self.state.get_cache(self.layer, name, like)
+                part = self.state.get_cache(self.slot, name, like)
                 if part is None:
                     cache = None
                     break
@@ -105,7 +121,7 @@ class BlockContext:
             return unmerge_sublayer(self.plan, y, residual, gate2, cache, cfg.mcw, cfg.backend)
         gated = y if gate is None else gate_times(gate, y)
         if self.mode == "protected":
-            self.state.set_cache(self.layer, sublayer, gated)
+            self.state.set_cache(self.slot, sublayer, gated)
         return residual + gated if residual_first else gated + residual
 
 
@@ -134,10 +150,14 @@ def gate_times(gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return gate * y
 
 
-def block_context(state: Optional[SDTMState], layer: int, metric: torch.Tensor, *, shared: bool = False,
+def block_context(state: Optional[SDTMState], layer, metric: torch.Tensor, *, shared: bool = False,
                   received=None):
     """Decide what the block does now and build its plan from ``metric`` [B, N, C].
 
+    ``layer`` is the block's ``BlockSlot`` (patched diffusers blocks: ``block._sdtm_slot``) or its
+    layer index. The decision reads only what ``SDTMState.begin_call`` prepared for this call
+    (the slot's mode, the call's removal count), never the step index: a compiled block meets
+    the same values at every step of the same kind.
     ``shared=True`` builds one plan for the whole batch from the batch-mean metric (models
     whose positional embeddings are shared across the batch, e.g. Flux's rotary tables).
     ``received``: a callable returning the float32 ``[B, N]`` attention each image token
@@ -145,17 +165,18 @@ def block_context(state: Optional[SDTMState], layer: int, metric: torch.Tensor, 
     ``idm_score="attention"`` (batch-averaged for a shared plan).
     """
     num_tokens = metric.shape[1]
-    if state is None or not state.active or state.grid is None or state.grid[0] * state.grid[1] != num_tokens:
-        return BlockContext(state if state is not None and state.active else None, layer, "exact",
-                            num_tokens=num_tokens)
-    mode = state.step_mode()
-    if mode == "protected":
-        return BlockContext(state, layer, mode, num_tokens=num_tokens)
-    if state.layer_protected(layer):
+    if state is None or not state.active:
+        return BlockContext(None, None, "exact", num_tokens=num_tokens)
+    slot = layer if isinstance(layer, BlockSlot) else state.slot(layer)
+    if state.grid is None or math.prod(state.grid) != num_tokens:
+        return BlockContext(state, slot, "exact", num_tokens=num_tokens)
+    mode = slot.mode
+    if mode == "layer":
         state.reset_li()
-        return BlockContext(state, layer, "layer", num_tokens=num_tokens)
+    if mode not in ("ssm", "idm"):
+        return BlockContext(state, slot, mode, num_tokens=num_tokens)
     if state.config.min_saving and state.block_saving(mode, num_tokens, metric.shape[-1]) < state.config.min_saving:
-        return BlockContext(state, layer, "skip", num_tokens=num_tokens)  # would not pay for its plan
+        return BlockContext(state, slot, "skip", num_tokens=num_tokens)  # would not pay for its plan
     batch = metric.shape[0]
     source = metric.detach()
     if shared and batch > 1:
@@ -169,8 +190,8 @@ def block_context(state: Optional[SDTMState], layer: int, metric: torch.Tensor, 
         if statistic.shape[0] != source.shape[0]:
             statistic = statistic.mean(dim=0, keepdim=True)
     with _autocast_off(source.device):
-        plan = state.build_plan(source, mode, batch, received=statistic, layer=layer)
-    ctx = BlockContext(state, layer, mode, plan, num_tokens=num_tokens)
+        plan = state.build_plan(source, mode, batch, received=statistic, layer=slot)
+    ctx = BlockContext(state, slot, mode, plan, num_tokens=num_tokens)
     if statistic is not None and state.keep_plans:
         ctx.record["received"] = statistic
     return ctx

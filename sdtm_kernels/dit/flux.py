@@ -61,7 +61,7 @@ def double_forward(self, hidden_states, encoder_hidden_states, temb, image_rotar
         backend = state.config.backend
         full = JointAttention(self.attn, "flux", norm_hidden_states, norm_encoder_hidden_states, image_rotary_emb,
                               backend=backend)
-        ctx = block_context(state, self._sdtm_layer, norm_hidden_states, shared=True, received=full.received)
+        ctx = block_context(state, self._sdtm_slot, norm_hidden_states, shared=True, received=full.received)
         rows = ctx.merge("attn", norm_hidden_states)
         joint = full if rows is norm_hidden_states else JointAttention(
             self.attn, "flux", rows, norm_encoder_hidden_states, gather_rotary(ctx, "attn", image_rotary_emb, text_len),
@@ -69,7 +69,7 @@ def double_forward(self, hidden_states, encoder_hidden_states, temb, image_rotar
         bias = prompt_key_bias(ctx, text_len, rows.shape[1], rows.shape[0], False, rows.device, rows.dtype)
         attention_outputs = joint.output(bias)
     else:
-        ctx = block_context(state, self._sdtm_layer, norm_hidden_states, shared=True)
+        ctx = block_context(state, self._sdtm_slot, norm_hidden_states, shared=True)
         attention_outputs = self.attn(
             hidden_states=ctx.merge("attn", norm_hidden_states),
             encoder_hidden_states=norm_encoder_hidden_states,
@@ -122,7 +122,7 @@ def _single(self, hidden_states, text_len, temb, image_rotary_emb, joint_attenti
         _check_kwargs(joint_attention_kwargs)
         full = JointAttention(self.attn, "flux", norm_hidden_states, None, image_rotary_emb, text_len=text_len,
                               backend=state.config.backend)
-    ctx = block_context(state, self._sdtm_layer, image_norm, shared=True,
+    ctx = block_context(state, self._sdtm_slot, image_norm, shared=True,
                         received=None if full is None else full.received)
     weight, bias = linear_weights(self.proj_out)  # LoRA on proj_out included (PEFT, unfused)
     attn_dim = weight.shape[1] - self.mlp_hidden_dim
@@ -144,7 +144,7 @@ def _single(self, hidden_states, text_len, temb, image_rotary_emb, joint_attenti
         image_out = ctx.finish("attn", out[:, text_len:], residual=residual[:, text_len:], gate=gate,
                                cache_names=("attn", "mlp"))
         hidden_states = torch.cat([text_out, image_out], dim=1)
-    elif ctx.merges("mlp"):  # IDM: attention at full length, MLP branch on merged rows
+    elif ctx.merges("mlp"):  # IDM: attention at full length, MLP branch on [text, merged image rows]
         if own:
             key_bias = prompt_key_bias(ctx, text_len, ctx.num_tokens, norm_hidden_states.shape[0], False,
                                    norm_hidden_states.device, norm_hidden_states.dtype)
@@ -154,12 +154,13 @@ def _single(self, hidden_states, text_len, temb, image_rotary_emb, joint_attenti
                                     **joint_attention_kwargs)
         ctx.note("attn", ctx.num_tokens)
         w_attn, w_mlp = weight[:, :attn_dim], weight[:, attn_dim:]
-        attn_part = gate_b * F.linear(attn_output, w_attn, bias)
-        text_mlp = F.linear(self.act_mlp(self.proj_mlp(norm_hidden_states[:, :text_len])), w_mlp)
-        text_out = residual[:, :text_len] + (attn_part[:, :text_len] + gate_b * text_mlp)
-        image_mlp = F.linear(self.act_mlp(self.proj_mlp(ctx.merge("mlp", image_norm))), w_mlp)
-        image_out = ctx.finish("mlp", image_mlp, residual=residual[:, text_len:] + attn_part[:, text_len:],
-                               gate=gate)
+        # residual + gate * (W_a attn + b) for every token, then the MLP half: text rows directly,
+        # image rows merged (one MLP pass over [text, merged image rows])
+        with_attn = residual + gate_b * F.linear(attn_output, w_attn, bias)
+        rows = torch.cat([norm_hidden_states[:, :text_len], ctx.merge("mlp", image_norm)], dim=1)
+        mlp_out = F.linear(self.act_mlp(self.proj_mlp(rows)), w_mlp)
+        text_out = with_attn[:, :text_len] + gate_b * mlp_out[:, :text_len]
+        image_out = ctx.finish("mlp", mlp_out[:, text_len:], residual=with_attn[:, text_len:], gate=gate)
         hidden_states = torch.cat([text_out, image_out], dim=1)
     else:  # exact (diffusers' computation); protected steps also split the image output for the cache
         ctx.note("attn", ctx.num_tokens)
@@ -177,8 +178,8 @@ def _single(self, hidden_states, text_len, temb, image_rotary_emb, joint_attenti
         out = gate_b * self.proj_out(torch.cat([attn_output, mlp_hidden_states], dim=2))
         if ctx.mode == "protected":
             mlp_part = gate_b * F.linear(mlp_hidden_states[:, text_len:], weight[:, attn_dim:])
-            state.set_cache(ctx.layer, "mlp", mlp_part)
-            state.set_cache(ctx.layer, "attn", out[:, text_len:] - mlp_part)
+            state.set_cache(ctx.slot, "mlp", mlp_part)
+            state.set_cache(ctx.slot, "attn", out[:, text_len:] - mlp_part)
         hidden_states = residual + out
     if hidden_states.dtype == torch.float16:
         hidden_states = hidden_states.clip(-65504, 65504)

@@ -6,7 +6,7 @@ One hook name, ``"sdtm"`` (``HOOK_NAME``), on the transformer and on every suppo
   (``sd3.forward``, ``flux.double_forward``, ...) instead of the block's own. The block's class
   is untouched, so diffusers' cache hooks (``TransformerBlockRegistry.get(type(block))``) and
   ``compile_repeated_blocks`` (class names) still find it. The family forwards read the
-  state and the layer index from the block attributes ``_sdtm_state`` / ``_sdtm_layer``.
+  state and the block's per-call slot from the attributes ``_sdtm_state`` / ``_sdtm_slot``.
 * ``SDTMTransformerHook`` (on the transformer): reads the timestep, token grid and prompt length
   of each call (``SDTMState.begin_call``) and closes the call (``end_call``). It is a *stateful*
   hook: diffusers' ``_reset_stateful_cache()`` (called by ``pipe.maybe_free_model_hooks()`` at

@@ -7,7 +7,7 @@ timestep and the token grid of each call (``SDTMState.begin_call``) and closes t
 hooks sit at the bottom of each module's wrapper chain, beneath hooks registered earlier (group
 offloading, a cache applied first, accelerate's offload hooks), so those keep running around
 SDTM's forward; hooks registered later wrap SDTM's. The state lives in the transformer hook
-(``get_state``); the blocks' ``_sdtm_state`` / ``_sdtm_layer`` attributes point the family
+(``get_state``); the blocks' ``_sdtm_state`` / ``_sdtm_layer`` / ``_sdtm_slot`` attributes point the family
 forwards to it. ``remove_sdtm`` takes every SDTM hook and attribute out again (the output is
 then the unpatched model's, bit for bit).
 
@@ -331,7 +331,7 @@ def apply_sdtm(pipe_or_model, *, preset=_UNSET, ratio=_UNSET, deviation=_UNSET, 
                protect_steps=_UNSET, protect_layers=_UNSET, mcw=_UNSET, a_s=_UNSET, merge_mode=_UNSET,
                random_dst=_UNSET, seed=_UNSET, num_steps=_UNSET, backend=_UNSET, merge_cross_attention=_UNSET,
                window=_UNSET, idm_score=_UNSET, a_d=_UNSET, prompt_reweight=_UNSET, a_p=_UNSET,
-               min_saving=_UNSET):
+               min_saving=_UNSET, ratio_levels=_UNSET):
     """Patch a diffusers pipeline (anything with ``.transformer``) or transformer with SDTM.
 
     Supported blocks: ``BasicTransformerBlock`` (ada_norm_zero: DiT; ada_norm_single: PixArt),
@@ -358,7 +358,7 @@ def apply_sdtm(pipe_or_model, *, preset=_UNSET, ratio=_UNSET, deviation=_UNSET, 
                  protect_layers=protect_layers, mcw=mcw, a_s=a_s, merge_mode=merge_mode, random_dst=random_dst,
                  seed=seed, num_steps=num_steps, backend=backend, merge_cross_attention=merge_cross_attention,
                  window=window, idm_score=idm_score, a_d=a_d, prompt_reweight=prompt_reweight, a_p=a_p,
-                 min_saving=min_saving)
+                 min_saving=min_saving, ratio_levels=ratio_levels)
     assert set(given) == set(OPTION_NAMES)
     explicit = {name: value for name, value in given.items() if value is not _UNSET}
     pipe, model = _split(pipe_or_model)
@@ -404,14 +404,44 @@ def apply_sdtm(pipe_or_model, *, preset=_UNSET, ratio=_UNSET, deviation=_UNSET, 
                 block_hook.forward, block_hook.layer = forward, layer
             block._sdtm_state = state
             block._sdtm_layer = layer
+            block._sdtm_slot = state.slot(layer)
     except BaseException:
         if fresh:
             remove_sdtm(model)
         raise
     hooks.invalidate_tree(model)
+    reserve_recompiles(config, len({type(block) for block, _ in blocks}))
     if pipe is not None and getattr(type(pipe), "_sdtm_original_class", None) is None:
         pipe.__class__ = _pipeline_subclass(type(pipe))
     return pipe_or_model
+
+
+def graphs_per_block(config) -> int:
+    """Graphs a compiled block of one type needs over a generation: one per step kind (protected,
+    each structure and detail level of ``ratio_levels``, skipped by ``min_saving``, protected layer).
+    None without ``ratio_levels`` (the exact schedule: one per distinct token count)."""
+    if config.ratio == 0.0:
+        return 1
+    if not config.ratio_levels:
+        return None
+    return 1 + 2 * config.ratio_levels + bool(config.min_saving) + bool(config.protect_layers)
+
+
+def reserve_recompiles(config, block_types: int):
+    """Regional compilation (``block.compile()``, ``compile_repeated_blocks``) caches the graphs of
+    every compiled block under one code object (``nn.Module._call_impl``), whose entries dynamo
+    limits (``torch._dynamo.config.recompile_limit``, 8). A patched block has a bounded number of
+    graphs per type (``graphs_per_block``; diffusers models also give their first or last block its
+    own graph), so the limit is raised to what a generation needs, never lowered (docs/SEMANTICS.md,
+    "Compiled models")."""
+    per_block = graphs_per_block(config)
+    if per_block is None:
+        return
+    needed = per_block * max(block_types, 1) * 2
+    dynamo_config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    if getattr(dynamo_config, name) < needed:
+        setattr(dynamo_config, name, needed)
 
 
 JOINT_ATTENTION_MODULES = ("sdtm_kernels.dit.sd3", "sdtm_kernels.dit.flux")
@@ -448,7 +478,7 @@ def remove_sdtm(pipe_or_model):
     hooks = _hooks()
     for module in model.modules():
         hooks.remove_innermost(module)
-        for name in ("_sdtm_state", "_sdtm_layer"):
+        for name in ("_sdtm_state", "_sdtm_layer", "_sdtm_slot"):
             module.__dict__.pop(name, None)
     registry = getattr(model, "_diffusers_hook", None)
     if registry is not None:  # anything named "sdtm" that was registered some other way

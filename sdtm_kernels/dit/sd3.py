@@ -51,14 +51,14 @@ def forward(self, hidden_states, encoder_hidden_states, temb, joint_attention_kw
         _check_kwargs(joint_attention_kwargs)
         backend = state.config.backend
         full = JointAttention(self.attn, "sd3", norm_hidden_states, norm_encoder_hidden_states, backend=backend)
-        ctx = block_context(state, self._sdtm_layer, norm_hidden_states, received=full.received)
+        ctx = block_context(state, self._sdtm_slot, norm_hidden_states, received=full.received)
         rows = ctx.merge("attn", norm_hidden_states)
         joint = full if rows is norm_hidden_states else JointAttention(
             self.attn, "sd3", rows, norm_encoder_hidden_states, backend=backend)
         bias = prompt_key_bias(ctx, joint.text_len, rows.shape[1], rows.shape[0], True, rows.device, rows.dtype)
         attn_output, context_attn_output = joint.output(bias)
     else:
-        ctx = block_context(state, self._sdtm_layer, norm_hidden_states)
+        ctx = block_context(state, self._sdtm_slot, norm_hidden_states)
         # Joint attention: merged image rows + the whole prompt.
         attn_output, context_attn_output = self.attn(
             hidden_states=ctx.merge("attn", norm_hidden_states),

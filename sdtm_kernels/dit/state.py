@@ -21,8 +21,20 @@ timestep equals the first timestep of the current generation, when the timesteps
 (they went down and now go up, or the reverse: a generation stopped early and restarted; a
 ``RuntimeWarning`` is raised once) and when the step count would pass ``num_steps`` (also
 warned once, unless the timesteps turned back: a complete generation followed by a new one).
-Reading the timestep is one host read (a Python float) per transformer call, outside the
-blocks; nothing inside a block reads tensor values.
+Host reads: inside a patched pipeline call the step comes from the scheduler-step count, so
+the timestep is not read at all when the scheduler stepped since the previous call; it is read
+(one Python float, outside the blocks) only for a second call of the same step and for bare
+transformers. Nothing inside a block reads tensor values.
+
+Compile and CUDA graphs (docs/SEMANTICS.md, "Compiled models"). Every per-step decision is made
+here, in ``begin_call``, outside the blocks: the step's mode, the (level-quantised) removal count
+``removal`` and, per block, a ``BlockSlot`` (``block._sdtm_slot``) with the block's mode, its row
+of the step's random dst draws, and its caches. A block reads only those values, which repeat
+from step to step, so a compiled block or model sees a few distinct cases (one graph each) and
+no growing Python state. ``li`` lives in one static ``[B, N]`` buffer per call index, updated in
+place; the draws are made in place into a static buffer; the caches become static buffers (updated
+in place by ``end_call``) once a compiled call wrote them. Statistics of a compiled block are
+collected by ``end_call``.
 """
 import math
 import warnings
@@ -33,10 +45,43 @@ import torch
 from .._validation import check_int
 from ..planning import plan_idm, plan_idm_attention, plan_ssm, ratio_schedule
 from ..reference import schedule as ref_schedule
+from ..reference import windows as ref_windows
 from .config import SDTMConfig
 
 DEFAULT_SEED = 0
 ATTENTION_SUBLAYERS = ("attn", "attn2", "cross")
+
+
+class BlockSlot:
+    """One patched block's view of the current call, written by ``SDTMState.begin_call``.
+
+    ``mode``: the block's mode at this step before the block's own rule (``"protected"``,
+    ``"layer"``, ``"ssm"``, ``"idm"``, or ``"exact"`` without a step context). ``draw``: this
+    layer's row of the step's random dst draws (a view of a static buffer) or None. ``cache``:
+    ``{sub-layer: gated output}`` of the last protected step of this call index. ``fresh``:
+    what a protected step of the current call stored, adopted into ``cache`` by ``end_call``.
+    ``traced``: the statistics record a compiled run of the block filled (collected by ``end_call``).
+    """
+
+    def __init__(self, layer: int):
+        self.layer = layer
+        self.mode = "exact"
+        self.draw = None
+        self.cache = {}
+        self.fresh = {}
+        self.traced = None
+        self.plan = None  # keep_plans: the last plan (debugging)
+        self._caches = {}  # call index -> cache (cleared at a new generation)
+        self._static = {}  # (call index, sub-layer) -> static cache buffer (compiled calls; kept)
+
+    def __getstate__(self):
+        return {"layer": self.layer}
+
+    def __setstate__(self, values):
+        self.__init__(values["layer"])
+
+    def __repr__(self):
+        return f"BlockSlot(layer={self.layer}, mode={self.mode!r})"
 
 
 class SDTMState:
@@ -45,9 +90,9 @@ class SDTMState:
     ``stats`` holds one dict per block call of the current generation:
     ``{"step", "call", "layer", "mode", "attn", "mlp", ...}`` where ``mode`` is
     ``"protected"`` (exact, cache refreshed), ``"layer"`` (protected layer), ``"exact"``
-    (no step context), ``"ssm"`` or ``"idm"``, and ``attn`` / ``mlp`` are the numbers of
-    image tokens each sub-layer saw. With ``keep_plans = True`` (debugging, tests) each
-    record also holds the block's ``MergePlan`` under ``"plan"``.
+    (no step context), ``"skip"`` (``min_saving``), ``"ssm"`` or ``"idm"``, and ``attn`` /
+    ``mlp`` are the numbers of image tokens each sub-layer saw. With ``keep_plans = True``
+    (debugging, tests; eager mode) each record also holds the block's ``MergePlan`` under ``"plan"``.
     """
 
     keep_plans = False
@@ -58,8 +103,21 @@ class SDTMState:
         self.num_steps = num_steps if num_steps is not None else config.num_steps
         self.request = None  # apply_sdtm: (preset, explicit options) this config was made from
         self.driver = None  # patched pipeline call: counts the scheduler's steps (see the module doc)
+        self.slots = []  # BlockSlot per layer (patch.py gives block l the slot slots[l])
         self._warned = set()
+        self._li_buffers = {}  # call index -> static int32 [B, N] li buffer (kept across generations)
+        self._li_written = {}  # call index -> whether its buffer may hold non-zero counters
+        self._draw_buffer = None  # static int64 [layers, B, G] buffer of the step's dst draws
         self.reset()
+
+    def slot(self, layer: int) -> BlockSlot:
+        """The ``BlockSlot`` of ``layer`` (created on first use)."""
+        while len(self.slots) <= layer:
+            slot = BlockSlot(len(self.slots))
+            self.slots.append(slot)
+            if self.active:
+                self._prepare_slot(slot)
+        return self.slots[layer]
 
     # -- generations and steps -------------------------------------------------------------
     def reset(self, num_steps: Optional[int] = None):
@@ -68,15 +126,18 @@ class SDTMState:
             self.num_steps = check_int("num_steps", num_steps, minimum=1)
         self.step = -1
         self.call = 0
-        self.first_timestep = None
-        self.last_timestep = None
+        self._first_ts = None  # (timestep as passed, its float or None until read)
+        self._last_ts = None
         self.grid = None
         self.text_len = None
         self.active = False
-        self.li = {}
-        self.cache = {}
+        self.mode = "exact"
+        self.removal = 0
+        self.li_now = None  # this call's li buffer
+        self.li_fresh = True  # no block of this call index wrote li yet in this generation
+        self._li_fresh = {}
         self._rotary = None
-        self._draws = None
+        self._draw_key = None
         self.generator = None
         self.generations = getattr(self, "generations", -1) + 1
         self.stats = []
@@ -85,14 +146,28 @@ class SDTMState:
         self._evals0 = 0  # driver: scheduler steps counted before this generation's first call
         self._last_evals = None
         self._driver_off = False
+        self._levels = None  # (num_steps, config) -> per-stage ratio levels
+        for slot in getattr(self, "slots", ()):
+            slot._caches = {}
+            slot.cache = {}
+
+    @property
+    def first_timestep(self):
+        return _timestep_float(self, "_first_ts")
+
+    @property
+    def last_timestep(self):
+        return _timestep_float(self, "_last_ts")
 
     def begin_call(self, timestep, grid, text_len: Optional[int] = None, batch: Optional[int] = None,
                    device=None):
         """Register one transformer call at ``timestep`` (tensor or number) on token grid ``grid``.
 
-        With the call's ``batch`` and ``device`` (the diffusers hook passes them) the generator and
-        this step's random dst draws are made here, outside the blocks: a compiled block then
-        never touches the generator (a graph break) and the draw is one launch per call."""
+        With the call's ``batch`` and ``device`` (the diffusers hook passes them) the generator,
+        the ``li`` buffer and this step's random dst draws are made here, outside the blocks: a
+        compiled block never touches the generator and the draw is one launch per call."""
+        if self.active:  # the previous call was not closed (a user model without end_call)
+            self.end_call()
         driven = self.driver is not None and not self._driver_off
         if driven and self.step < 0:  # a pipeline's first call: the scheduler steps it will run
             learned = self.driver.num_steps()
@@ -103,21 +178,59 @@ class SDTMState:
                 "num_steps is unknown: pass num_steps= to apply_sdtm when patching a bare transformer "
                 "(or call sdtm_kernels.dit.reset_sdtm(model, num_steps=...)), or patch the pipeline"
             )
-        value = timestep_value(timestep)
+        if timestep is None:
+            timestep_value(timestep)  # the error
         if driven:
-            self._begin_scheduler_step(value, self.driver)
+            self._begin_scheduler_step(timestep, self.driver)
         else:
-            self._begin_timestep(value)
-        self.last_timestep = value
-        self.grid = None if grid is None else (int(grid[0]), int(grid[1]))
+            self._begin_timestep(timestep_value(timestep), timestep)
+        self.grid = None if grid is None else tuple(int(g) for g in grid)  # (H, W) or (T, H, W)
         self.text_len = text_len
         self.active = True
         if device is None and isinstance(timestep, torch.Tensor):
             device = timestep.device
+        self._prepare_call(batch, None if device is None else torch.device(device))
+
+    def _prepare_call(self, batch, device):
+        """The decisions of this call, made once for all blocks (see the module doc)."""
+        self.mode = "exact" if self.grid is None else self.step_mode()
+        num_tokens = 0 if self.grid is None else math.prod(self.grid)
+        self.removal = self.n_remove(num_tokens) if self.mode in ("ssm", "idm") else 0
+        self.li_fresh = self._li_fresh.get(self.call, True)
+        self.li_now = None
+        if batch is not None and device is not None and self.grid is not None:
+            self.li_now = self._li_buffer(batch, num_tokens, device)
+        for slot in self.slots:
+            self._prepare_slot(slot)
         if device is not None:
-            self._ensure_generator(torch.device(device))
+            self._ensure_generator(device)
             if batch is not None and self.grid is not None and self._draws_needed(batch):
-                self._draw_step(batch, torch.device(device))
+                self._draw_step(batch, device)
+
+    def _prepare_slot(self, slot):
+        mode = self.mode
+        if mode in ("ssm", "idm") and self.layer_protected(slot.layer):
+            mode = "layer"
+        slot.mode = mode
+        slot.cache = slot._caches.setdefault(self.call, {})
+        slot.fresh = {}
+        slot.traced = None
+        if self._draw_buffer is not None and self._draw_key is not None:
+            slot.draw = self._draw_buffer[min(slot.layer, self._draw_buffer.shape[0] - 1)]
+
+    def _li_buffer(self, batch, num_tokens, device):
+        """This call index's static li buffer, zeroed at the start of a generation (zeros and
+        "no li" give the same structure plans; the detail stage tells them apart by ``li_fresh``)."""
+        buf = self._li_buffers.get(self.call)
+        if buf is None or tuple(buf.shape) != (batch, num_tokens) or buf.device != device:
+            buf = torch.zeros(batch, num_tokens, dtype=torch.int32, device=device)
+            _mark_static(buf)
+            self._li_buffers[self.call] = buf
+            self._li_fresh[self.call] = self.li_fresh = True
+        elif self.li_fresh and self._li_written.get(self.call):
+            buf.zero_()
+        self._li_written[self.call] = not self.li_fresh
+        return buf
 
     def _ensure_generator(self, device):
         if self.generator is None or self.generator.device != device:
@@ -129,34 +242,44 @@ class SDTMState:
         cfg = self.config
         if not (cfg.random_dst and batch % 2 == 0 and cfg.ratio != 0.0):
             return False
-        mode = self.step_mode()
-        # IDM takes its dsts from li when this pass has one (the first IDM block after a reset draws lazily)
-        return mode == "ssm" or (mode == "idm" and self.li.get(self.call) is None)
+        # IDM takes its dsts from li when this pass has one
+        return self.mode == "ssm" or (self.mode == "idm" and self.li_fresh)
 
     def _draw_step(self, batch: int, device):
-        """One ``randint(K, (layers, batch, G))`` for every block of this call (row ``l``: layer ``l``;
-        a plan shared by the batch takes its first row)."""
-        height, width = self.grid
-        window = self.config.window
-        shape = (max(self.num_layers, 1), batch, (height // window[0]) * (width // window[1]))
+        """One ``randint(K, (layers, batch, G))`` for every block of this call, drawn in place into a
+        static buffer (row ``l``: layer ``l``; a plan shared by the batch takes its first row)."""
+        window = self.window
+        shape = (max(self.num_layers, len(self.slots), 1), batch, ref_windows.num_windows(self.grid, window))
         key = (self.step, self.call, shape, device)
-        if self._draws is None or self._draws[0] != key:
-            draws = torch.randint(window[0] * window[1], shape, generator=self.generator,
-                                  device=self.generator.device)
-            self._draws = (key, draws.to(device))
+        if self._draw_key == key:
+            return
+        buf = self._draw_buffer
+        if buf is None or tuple(buf.shape) != shape or buf.device != device:
+            buf = torch.empty(shape, dtype=torch.int64, device=device)
+            _mark_static(buf)
+            self._draw_buffer = buf
+        if self.generator.device == device:
+            torch.randint(ref_windows.window_size(window), shape, generator=self.generator, device=device, out=buf)
+        else:
+            buf.copy_(torch.randint(ref_windows.window_size(window), shape, generator=self.generator,
+                                    device=self.generator.device))
+        self._draw_key = key
+        for slot in self.slots:
+            slot.draw = buf[min(slot.layer, shape[0] - 1)]
 
-    def _begin_scheduler_step(self, value: float, driver):
-        """Step = scheduler steps done in this generation // scheduler order (pipeline calls)."""
+    def _begin_scheduler_step(self, timestep, driver):
+        """Step = scheduler steps done in this generation // scheduler order (pipeline calls).
+        The timestep is read on the host only for a second call with no scheduler step between."""
         evals = driver.evals
         if self.step < 0:
             self._evals0 = evals
         step = (evals - self._evals0) // driver.order
         if self.step >= 0 and step == self.step:
-            if value != self.last_timestep and evals == self._last_evals:
+            if evals == self._last_evals and timestep_value(timestep) != self.last_timestep:
                 # the timestep moved but the scheduler did not step: this pipeline does not call
                 # scheduler.step once per evaluation, so count steps by timestep from here on
                 self._driver_off = True
-                self._begin_timestep(value)
+                self._begin_timestep(timestep_value(timestep), timestep)
                 return
             self.call += 1
         else:
@@ -165,17 +288,20 @@ class SDTMState:
                                 f"announced {self.num_steps} steps; the last steps reuse the final ratio")
             self.step = step
             self.call = 0
-            if self.first_timestep is None:
-                self.first_timestep = value
+            if self._first_ts is None:
+                self._first_ts = [timestep, None]
+        self._last_ts = [timestep, None]
         self._last_evals = evals
 
-    def _begin_timestep(self, value: float):
+    def _begin_timestep(self, value: float, timestep=None):
         """Step = a change of the timestep value (bare transformers)."""
-        if self.last_timestep is not None and value == self.last_timestep:
+        last = self.last_timestep
+        if last is not None and value == last:
             self.call += 1
+            self._last_ts = [timestep, value]
             return
         if self.step >= 0:
-            turned = self._direction is not None and (value - self.last_timestep) * self._direction < 0
+            turned = self._direction is not None and (value - last) * self._direction < 0
             if value == self.first_timestep:
                 self.reset()
             elif self.step + 1 >= self.num_steps:
@@ -188,7 +314,7 @@ class SDTMState:
                 self.reset()
             elif turned:
                 self._warn_once("restart", (
-                    f"SDTM: timestep {value:g} after {self.last_timestep:g} at step {self.step} of "
+                    f"SDTM: timestep {value:g} after {last:g} at step {self.step} of "
                     f"{self.num_steps}: the timesteps turned back, so a generation was restarted without "
                     "reset_sdtm; SDTM started a new generation (step counter, cache and li restarted). "
                     "Call sdtm_kernels.dit.reset_sdtm(model, num_steps=...) before each generation"))
@@ -198,7 +324,8 @@ class SDTMState:
         self.step += 1
         self.call = 0
         if self.step == 0:
-            self.first_timestep = value
+            self._first_ts = [timestep, value]
+        self._last_ts = [timestep, value]
 
     def _warn_once(self, kind: str, message: str):
         if kind not in self._warned:
@@ -206,7 +333,24 @@ class SDTMState:
             warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     def end_call(self):
+        """Close the call: adopt the caches stored by protected blocks and the statistics of
+        compiled blocks (made in the graph, collected here, in layer order)."""
         self.active = False
+        traced = []
+        for slot in self.slots:
+            if slot.fresh:
+                compiled = slot.traced is not None
+                for name, value in slot.fresh.items():
+                    if compiled:
+                        value = slot._static[(self.call, name)] = _adopt(slot._static.get((self.call, name)), value)
+                    slot.cache[name] = value
+                slot.fresh = {}
+            if slot.traced is not None:
+                traced.append(dict(step=self.step, call=self.call, layer=slot.layer, **slot.traced))
+                slot.traced = None
+        self.stats.extend(traced)
+        if self.grid is not None:
+            self._li_fresh[self.call] = self.li_fresh
 
     # -- decisions -------------------------------------------------------------------------
     def step_mode(self) -> str:
@@ -219,17 +363,9 @@ class SDTMState:
         """Fraction of a block's FLOPs merging saves at this step (the rule of ``min_saving``):
         a generic DiT block, ``F(n) = 24 n C^2 + 4 n^2 C`` (projections, attention, MLP of ratio 4;
         prompt tokens left out); SSM runs the whole block on M rows, IDM only the MLP
-        (``16 (N - M) C^2``). M follows from the schedule, as the plan's."""
-        cfg = self.config
+        (``16 (N - M) C^2``). M follows from the call's ``removal``, as the plan's."""
         n, c = num_tokens, channels
-        height, width = self.grid
-        window_size = cfg.window[0] * cfg.window[1]
-        num_windows = (height // cfg.window[0]) * (width // cfg.window[1])
-        n_remove = self.n_remove(n)
-        if mode == "ssm":
-            removed = (window_size - 1) * ref_schedule.ssm_windows_to_merge(n_remove, window_size, num_windows)
-        else:
-            removed = ref_schedule.idm_tokens_to_merge(n_remove, n - num_windows)
+        removed = ref_schedule.tokens_removed(mode, self.removal, self.grid, self.window)
 
         def flops(tokens):
             return 24 * tokens * c * c + 4 * tokens * tokens * c
@@ -237,83 +373,129 @@ class SDTMState:
         saved = flops(n) - flops(n - removed) if mode == "ssm" else 16 * removed * c * c
         return saved / flops(n) if n else 0.0
 
+    @property
+    def window(self):
+        """The merge window for the call's grid: ``config.window`` ``(wh, ww)``, as ``(1, wh, ww)`` on
+        a ``(T, H, W)`` grid (windows inside each frame) unless the config gives a 3-D window."""
+        window = tuple(self.config.window)
+        if self.grid is not None and len(self.grid) == 3 and len(window) == 2:
+            return (1,) + window
+        return window
+
     def layer_protected(self, layer: int) -> bool:
         f = self.config.protect_layers
         return bool(f) and (layer % f == 0 or layer == self.num_layers - 1)
 
-    def n_remove(self, num_tokens: int) -> int:
+    def step_ratio(self, step: int) -> float:
+        """The fraction of image tokens removed at ``step``: the schedule (SPEC 3.1), quantised to
+        ``config.ratio_levels`` levels per stage (docs/SEMANTICS.md, "Few shapes")."""
         cfg = self.config
-        if cfg.ratio == 0.0:  # merging off
-            return 0
-        step = min(self.step, self.num_steps - 1)
+        step = min(step, self.num_steps - 1)
         rho = ratio_schedule(step, self.num_steps, cfg.ratio, cfg.deviation)
-        return int(math.floor(num_tokens * rho))
+        if not cfg.ratio_levels:
+            return rho
+        key = (self.num_steps, cfg)
+        if self._levels is None or self._levels[0] != key:
+            self._levels = (key, stage_levels(cfg, self.num_steps))
+        levels = self._levels[1]["ssm" if step <= cfg.switch_index(self.num_steps) else "idm"]
+        return nearest_level(rho, levels)
 
-    def build_plan(self, metric: torch.Tensor, mode: str, batch: int, received=None, layer: int = 0):
+    def n_remove(self, num_tokens: int) -> int:
+        if self.config.ratio == 0.0:  # merging off
+            return 0
+        return int(math.floor(num_tokens * self.step_ratio(max(self.step, 0))))
+
+    def build_plan(self, metric: torch.Tensor, mode: str, batch: int, received=None, layer=0):
         """Plan for one block from its attention-input ``metric`` ``[b, N, C]`` (b = batch, or
-        1 for a plan shared by the batch); updates ``li``. ``received [b, N]`` (IDM with
-        ``idm_score="attention"``): attention each image token receives from the prompt."""
+        1 for a plan shared by the batch); updates ``li`` in place. ``received [b, N]`` (IDM with
+        ``idm_score="attention"``): attention each image token receives from the prompt.
+        ``layer``: the block's ``BlockSlot`` (or its layer index)."""
         cfg = self.config
+        slot = layer if isinstance(layer, BlockSlot) else self.slot(layer)
         self._ensure_generator(metric.device)  # made by begin_call when the caller gives the device
-        li = self.li.get(self.call)
-        if li is not None and tuple(li.shape) != (batch, metric.shape[1]):
-            li = None
-        plan_li = None if li is None else li[: metric.shape[0]]
+        num_tokens = metric.shape[1]
+        li_buf = self.li_now
+        if li_buf is None or tuple(li_buf.shape) != (batch, num_tokens) or li_buf.device != metric.device:
+            li_buf = self.li_now = self._li_buffer(batch, num_tokens, metric.device)  # user models
         random_dst = cfg.random_dst and batch % 2 == 0
-        n_remove = self.n_remove(metric.shape[1])
+        # Structure plans read li as a bonus (zeros == none); detail plans take their dsts from li
+        # only once a block wrote it.
+        plan_li = None if (mode != "ssm" and self.li_fresh) else li_buf[: metric.shape[0]]
         needs_draw = random_dst and (mode == "ssm" or plan_li is None)  # IDM with li: dsts from li
-        draw = self._step_draws(metric, layer) if needs_draw else None
-        common = dict(window=cfg.window, li=plan_li, random_dst=random_dst, generator=self.generator,
-                      backend=cfg.backend, li_mode=cfg.merge_mode, dst_draw=draw)
+        draw = self._slot_draw(slot, metric) if needs_draw else None
+        # the next li is written in place into the buffer (by the plan kernel in eager mode)
+        common = dict(window=self.window, li=plan_li, random_dst=random_dst, generator=self.generator,
+                      backend=cfg.backend, li_mode=cfg.merge_mode, dst_draw=draw, li_out=li_buf[: metric.shape[0]])
+        n_remove = self.removal
         if mode == "ssm":
             plan = plan_ssm(metric, self.grid, n_remove, a_s=cfg.a_s, **common)
         elif received is not None:
             plan = plan_idm_attention(metric, self.grid, n_remove, received, a_d=cfg.a_d, **common)
         else:
             plan = plan_idm(metric, self.grid, n_remove, **common)
-        li_next = plan.li_next  # built with the plan (one kernel on the Triton backend)
-        if metric.shape[0] != batch:  # a plan shared by the batch: every row has the same counter
+        self.li_fresh = False
+        self._li_written[self.call] = True
+        if metric.shape[0] != batch:  # a plan shared by the batch: its counter lives in row 0
+            li_next = plan.li_next
             plan = expand_plan(plan, batch)
-            li_next = li_next.expand(batch, -1)
-        self.li[self.call] = li_next
+            plan.li_next = li_next.expand(batch, -1)
         return plan
 
-    def _step_draws(self, metric, layer: int):
-        """Layer ``layer``'s random dst positions ``[b, G]``: one ``randint(K, (layers, b, G))`` draw
-        per step and call, row ``layer`` for that layer (one launch per step instead of one per
-        block; the planners take the first columns they need)."""
-        key = self._draws[0] if self._draws is not None else None
-        if key is None or key[:2] != (self.step, self.call) or key[3] != metric.device \
-                or key[2][1] < metric.shape[0]:
+    def _slot_draw(self, slot, metric):
+        """The block's random dst positions ``[b, G]`` (its row of the step's draw)."""
+        if torch.compiler.is_compiling():  # begin_call drew them (a compiled model has the hook)
+            return slot.draw[: metric.shape[0]]
+        if slot.draw is None or slot.draw.shape[0] < metric.shape[0] or slot.draw.device != metric.device \
+                or self._draw_key is None or self._draw_key[:2] != (self.step, self.call):
             self._draw_step(metric.shape[0], metric.device)  # not drawn in begin_call (user models)
-        draws = self._draws[1]
-        return draws[min(layer, draws.shape[0] - 1), : metric.shape[0]]
+        return slot.draw[: metric.shape[0]]
 
     def stacked_rotary(self, rotary):
         """``torch.stack(rotary)`` (Flux's ``(cos, sin)`` table), computed once per transformer call
-        and reused by every block of the call (the blocks receive the same tensors)."""
-        key = (self.step, self.call, tuple(id(t) for t in rotary))
-        if self._rotary is None or self._rotary[0] != key:
-            self._rotary = (key, torch.stack(rotary))
-        return self._rotary[1]
+        in eager mode and reused by every block of the call (the blocks receive the same tensors);
+        a compiled model stacks in its graph (no identity checks there)."""
+        if torch.compiler.is_compiling():
+            return torch.stack(rotary)
+        cached = self._rotary
+        if cached is None or len(cached[0]) != len(rotary) or any(a is not b for a, b in zip(cached[0], rotary)):
+            self._rotary = cached = (tuple(rotary), torch.stack(rotary))
+        return cached[1]
 
     def reset_li(self):
-        self.li.pop(self.call, None)
+        """A protected layer: the next blocks start without li."""
+        if self.li_now is not None and self._li_written.get(self.call):
+            self.li_now.zero_()
+            self._li_written[self.call] = False
+        self.li_fresh = True
 
     # -- cache -----------------------------------------------------------------------------
-    def get_cache(self, layer: int, name: str, like: torch.Tensor):
-        cache = self.cache.get((self.call, layer, name))
+    @property
+    def cache(self) -> dict:
+        """``{(call, layer, sub-layer): cached gated output}`` (a read-only view of the slots)."""
+        return {(call, slot.layer, name): value for slot in self.slots
+                for call, entries in slot._caches.items() for name, value in entries.items()}
+
+    @property
+    def li(self) -> dict:
+        """``{call: li}`` of the call indices that have a counter in this generation (a view)."""
+        return {call: buf for call, buf in self._li_buffers.items() if not self._li_fresh.get(call, True)}
+
+    def get_cache(self, layer, name: str, like: torch.Tensor):
+        slot = layer if isinstance(layer, BlockSlot) else self.slot(layer)
+        cache = slot.cache.get(name)
         if cache is None or cache.shape != like.shape or cache.dtype != like.dtype or cache.device != like.device:
             return None
         return cache
 
-    def set_cache(self, layer: int, name: str, value: torch.Tensor):
-        self.cache[(self.call, layer, name)] = value.detach()
+    def set_cache(self, layer, name: str, value: torch.Tensor):
+        slot = layer if isinstance(layer, BlockSlot) else self.slot(layer)
+        slot.fresh[name] = value.detach()  # adopted by end_call (a fresh dict: nothing to guard on)
 
     # -- pickling: the settings travel, the generation does not -------------------------------
     def __getstate__(self):
         return {"config": self.config, "num_layers": self.num_layers, "num_steps": self.num_steps,
-                "request": self.request, "keep_plans": self.keep_plans, "_warned": set(self._warned)}
+                "request": self.request, "keep_plans": self.keep_plans, "_warned": set(self._warned),
+                "slots": self.slots}
 
     def __setstate__(self, values):
         keep_plans = values.pop("keep_plans", False)
@@ -321,6 +503,9 @@ class SDTMState:
         if keep_plans != type(self).keep_plans:
             self.keep_plans = keep_plans
         self.driver = None
+        self._li_buffers = {}
+        self._li_written = {}
+        self._draw_buffer = None
         self.reset()
 
     # -- statistics ------------------------------------------------------------------------
@@ -341,6 +526,65 @@ def expand_plan(plan, batch: int):
 
     return MergePlan(rep(plan.row_of_token), rep(plan.members), rep(plan.row_start), rep(plan.rep_token),
                      rep(plan.blend), num_tokens=plan.num_tokens, num_rows=plan.num_rows, validate=False)
+
+
+def _mark_static(tensor):
+    """A buffer updated in place at a fixed address (CUDA graphs need no copy of it)."""
+    if torch.compiler.is_compiling():  # made inside a graph (a user model without batch/device)
+        return
+    try:
+        torch._dynamo.mark_static_address(tensor)
+    except Exception:  # noqa: BLE001 - an optional hint; a torch without it works the same
+        pass
+
+
+def _adopt(buffer, value):
+    """The cache entry after a compiled protected step stored ``value`` (an output a CUDA graph
+    may overwrite at its next replay): a copy into a static buffer, updated in place from then on."""
+    if buffer is not None and buffer.shape == value.shape and buffer.dtype == value.dtype \
+            and buffer.device == value.device and buffer.is_contiguous() and buffer is not value:
+        return buffer.copy_(value)
+    buffer = value.clone(memory_format=torch.contiguous_format)
+    _mark_static(buffer)
+    return buffer
+
+
+def _timestep_float(state, name):
+    """The float of a stored ``[timestep, value or None]`` (read on the host on first use)."""
+    entry = getattr(state, name)
+    if entry is None:
+        return None
+    if entry[1] is None:
+        entry[1] = timestep_value(entry[0])
+    return entry[1]
+
+
+def stage_levels(config, num_steps: int) -> dict:
+    """``{"ssm": levels, "idm": levels}``: ``config.ratio_levels`` evenly spaced removal fractions
+    from the lowest to the highest scheduled fraction of the stage's merging (unprotected) steps
+    (one level: their mean)."""
+    count = config.ratio_levels
+    switch = config.switch_index(num_steps)
+    out = {}
+    for stage in ("ssm", "idm"):
+        steps = [s for s in range(num_steps) if (s <= switch) == (stage == "ssm")
+                 and not (config.protect_steps and s % config.protect_steps == 0)]
+        rhos = [ref_schedule.ratio_schedule(s, num_steps, config.ratio, config.deviation) for s in steps]
+        if not rhos:
+            out[stage] = ()
+        elif count == 1 or max(rhos) == min(rhos):
+            out[stage] = (sum(rhos) / len(rhos),) if count == 1 else (rhos[0],)
+        else:
+            low, high = min(rhos), max(rhos)
+            out[stage] = tuple(low + (high - low) * j / (count - 1) for j in range(count))
+    return out
+
+
+def nearest_level(rho: float, levels) -> float:
+    """The level closest to ``rho`` (a tie: the lower level, which merges less)."""
+    if not levels:
+        return rho
+    return min(levels, key=lambda level: (abs(level - rho), level))
 
 
 def timestep_value(timestep) -> float:
