@@ -350,10 +350,12 @@ def segment_row_steps(lo: int, hi: int, num_tokens: int, channels: int) -> int:
 
 
 def segment_reduce(src, members, row_start, *, mean=True, gate=None, blend=None, mcw=None,
-                   out_dtype=None):
+                   out_dtype=None, max_members=None):
     """``out[b, m] = reduce_{t in row m} w[b, t] * src[b, t]`` (then ``* gate[b]``): mean or sum
     over each row's members, ``w = mcw`` on ``blend`` tokens (all tokens when ``blend`` is None)
-    when ``mcw`` is given, else 1. ``src [B, N, C]``, ``members [B, N]``, ``row_start [B, M+1]``."""
+    when ``mcw`` is given, else 1. ``src [B, N, C]``, ``members [B, N]``, ``row_start [B, M+1]``.
+    ``max_members``: a bound on the row sizes known from the plan's construction (SSM: the window
+    size); below ``SEG_CHUNK`` no row holds a whole chunk, so the first pass is not launched."""
     _check_runnable(src)
     src, gate = _unit_c(src), _unit_c(gate)
     batch, num_tokens, channels = src.shape
@@ -371,7 +373,7 @@ def segment_reduce(src, members, row_start, *, mean=True, gate=None, blend=None,
     blend_arg = (blend_u8 if blend_u8 is not None else members, *_strides(blend_u8, 2))
     use_mcw, has_blend = mcw is not None, blend is not None
     mcw_arg = float(mcw) if use_mcw else 1.0
-    has_chunks = cfg["chunk_grid"] is not None
+    has_chunks = cfg["chunk_grid"] is not None and (max_members is None or max_members >= SEG_CHUNK)
     if has_chunks:
         num_chunks = cfg["chunk_grid"][0]
         part_dtype = torch.float64 if src.dtype == torch.float64 else torch.float32
@@ -452,9 +454,10 @@ def gather_rows(src, index, *, residual=None, gate=None, cache=None, blend=None,
     return out
 
 
-def merge_mean(x, members, row_start):
-    """Segment mean: ``out[b, m] = x[b, members[b, row_start[b, m]:row_start[b, m+1]]].mean(0)``."""
-    return segment_reduce(x, members, row_start, mean=True)
+def merge_mean(x, members, row_start, max_members=None):
+    """Segment mean: ``out[b, m] = x[b, members[b, row_start[b, m]:row_start[b, m+1]]].mean(0)``
+    (``max_members``: see ``segment_reduce``)."""
+    return segment_reduce(x, members, row_start, mean=True, max_members=max_members)
 
 
 def prune(x, rep_token):

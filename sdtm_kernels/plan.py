@@ -51,6 +51,9 @@ class MergePlan:
     # plan was built with (the Triton build writes it in the plan kernel). Not dataclass fields.
     li_next = None
     li_mode = None
+    # A bound on the members per row known from the construction (SSM plans: the window size),
+    # or None. Lets the Triton merge skip its long-row pass.
+    max_members = None
 
     def __post_init__(self, validate):
         self._check_layout()
@@ -157,7 +160,8 @@ class MergePlan:
         self._check_length("x", x, self.num_tokens, "N")
         if mode == "mean":
             backend = resolve_backend(backend, x.device, "merge")
-            return plan_ops.plan_merge(x, self.row_of_token, self.members, self.row_start, self.num_rows, backend)
+            return plan_ops.plan_merge(x, self.row_of_token, self.members, self.row_start, self.num_rows, backend,
+                                       self.max_members)
         if mode == "prune":
             backend = resolve_backend(backend, x.device, "prune")
             return plan_ops.plan_prune(x, self.rep_token, backend)

@@ -156,7 +156,9 @@ def plan_ssm(metric, grid, n_remove, *, window=(2, 2), li=None, a_s=0.05, score=
                            li_out)
     tensors = ref_plans.ssm_plan(metric, grid, n_remove, window=window, li=li, a_s=a_s, score=score,
                                  random_dst=random_dst, generator=generator, dst_draw=dst_draw)
-    return _wrap(tensors, metric.shape[1], li, li_mode, li_out)
+    plan = _wrap(tensors, metric.shape[1], li, li_mode, li_out)
+    plan.max_members = count_window_tokens(window)
+    return plan
 
 
 def plan_idm(metric, grid, n_remove, *, window=(2, 2), li=None, random_dst=False, generator=None,
@@ -294,7 +296,9 @@ def _ssm_triton(metric, grid, n_remove, window, li, a_s, score, random_dst, gene
     outs = plan_lib.plan_build_call(plan_lib.ssm_plan_build, plan_lib.ssm_plan_launch,
                                     (rank, dst_pos, li, grid_h, grid_w, win_h, win_w, num_rows, li_mode == "prune",
                                      grid_t, win_t), li_out)
-    return _triton_plan(outs, num_tokens, num_rows, li_mode)
+    plan = _triton_plan(outs, num_tokens, num_rows, li_mode)
+    plan.max_members = window_size  # rows are whole windows or single tokens
+    return plan
 
 
 def _bipartite_triton(metric, grid, window, li, dst_pos, num_merged, li_mode, cand_score=None,

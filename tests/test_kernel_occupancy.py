@@ -221,3 +221,19 @@ def test_segment_mean_decreasing_row_start_sums_each_span(device):
     got = k_merge.segment_reduce(x, members, row_start, mean=False)
     want = torch.stack([x[0, :10].sum(0), torch.zeros(channels, device=device), x[0].sum(0)])[None]
     torch.testing.assert_close(got, want)
+
+
+def test_ssm_plans_skip_the_long_row_pass_with_the_same_result():
+    """SSM rows are whole windows or single tokens: ``max_members`` (the window size) spares the
+    chunk pass, and the merge is the same as with it."""
+    import sdtm_kernels as sk
+
+    torch.manual_seed(0)
+    metric = torch.randn(2, 256, 32)
+    plan = sk.plan_ssm(metric, (16, 16), 120, backend="triton")
+    assert plan.max_members == 4 and plan.num_rows < 256
+    x = torch.randn(2, 256, 32)
+    with_pass = k_merge.merge_mean(x, plan.members, plan.row_start)
+    without = k_merge.merge_mean(x, plan.members, plan.row_start, max_members=plan.max_members)
+    torch.testing.assert_close(without, with_pass, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(plan.merge(x, backend="triton"), with_pass, rtol=1e-6, atol=1e-6)

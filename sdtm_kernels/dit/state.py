@@ -524,8 +524,10 @@ def expand_plan(plan, batch: int):
     def rep(t):
         return t.expand(batch, -1)  # a view: every kernel and reference op takes strides
 
-    return MergePlan(rep(plan.row_of_token), rep(plan.members), rep(plan.row_start), rep(plan.rep_token),
-                     rep(plan.blend), num_tokens=plan.num_tokens, num_rows=plan.num_rows, validate=False)
+    shared = MergePlan(rep(plan.row_of_token), rep(plan.members), rep(plan.row_start), rep(plan.rep_token),
+                       rep(plan.blend), num_tokens=plan.num_tokens, num_rows=plan.num_rows, validate=False)
+    shared.max_members, shared.li_mode = plan.max_members, plan.li_mode
+    return shared
 
 
 def _mark_static(tensor):

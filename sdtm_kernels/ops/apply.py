@@ -174,13 +174,14 @@ def _check_plan_input(x, index):
     check_same_device("x", x, "the plan", index)
 
 
-def plan_merge(x, row_of_token, members, row_start, num_rows: int, backend: str):
-    """``merge`` for a trusted plan (resolved ``backend``; only ``x`` is checked)."""
+def plan_merge(x, row_of_token, members, row_start, num_rows: int, backend: str, max_members=None):
+    """``merge`` for a trusted plan (resolved ``backend``; only ``x`` is checked). ``max_members``:
+    a bound on the plan's row sizes (SSM plans: the window size), which spares the long-row pass."""
     _check_plan_input(x, row_of_token)
     if backend == "reference":  # a consistent plan: one scatter by row (members / row_start agree)
         return ref.merge_mean(x, row_of_token, num_rows)
     if _direct(x):
-        return _merge_kernels().merge_mean(x, members, row_start)
+        return _merge_kernels().merge_mean(x, members, row_start, max_members=max_members)
     return torch.ops.sdtm.merge(x, row_of_token, members, row_start, num_rows, backend)
 
 
