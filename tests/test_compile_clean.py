@@ -24,7 +24,7 @@ from torch._dynamo.utils import counters  # noqa: E402
 
 from test_dit_diffusers import build  # noqa: E402
 
-STEPS = 7
+STEPS = 5
 TIMESTEPS = [1000.0 - 1000.0 * i / STEPS for i in range(STEPS)]
 
 
