@@ -304,6 +304,8 @@ def _drive(recorder, quick=False):
         k_merge.merge_mean(x, torch.arange(num_tokens, dtype=torch.int32)[None],
                            torch.tensor([[0, num_tokens]], dtype=torch.int32))
     for n in (10, 20, 40, 100, 200, 400, 1000, 2000, 3000):  # topk BLOCK 16 .. 4096, warps 4 / 8
+        if quick and n not in (20, 3000):  # GPU tiles run many programs per row in the interpreter
+            continue
         section(f"sweep topk_rank n={n}")
         k_select.topk_rank(torch.randn(2, n, generator=gen), n // 3)
     for side in (2, 4, 8, 16, 32, 64):  # fused plan builds: token blocks 16 .. 1024 (SSM, lists), 16 .. 128
@@ -324,7 +326,7 @@ def _drive(recorder, quick=False):
     # (per-frame and cross-frame windows, extents the windows do not divide, token blocks 128 .. 1024).
     grids_3d = (((2, 8, 8), (2, 2, 2)), ((3, 6, 10), (1, 2, 2)), ((5, 4, 4), (2, 1, 3)), ((4, 16, 16), (1, 2, 2)))
     for grid, window in grids_3d:
-        if quick and grid[1] not in (8, 6):
+        if quick and grid[1] != 8:
             continue
         n = grid[0] * grid[1] * grid[2]
         metric = tokens(2, n, 16)
@@ -338,7 +340,7 @@ def _drive(recorder, quick=False):
                          generator=torch.Generator().manual_seed(0), li_mode=mode, backend=T)
         plan_tome(metric, grid, n // 3, window=window, random_dst=True, backend=T)
         for dtype, channels in itertools.product(floats, (16, 1536)):
-            if quick and channels != 16 and dtype != torch.float16:
+            if quick and channels != 16:
                 continue
             section(f"3-D window_scores {dtype} C={channels} grid={grid} window={window}")
             x = tokens(1, n, channels, dtype)
