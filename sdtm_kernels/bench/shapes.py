@@ -6,8 +6,10 @@ an SSM step runs the whole block on M rows, an IDM step attention on N and the M
 a protected or skipped step the whole block on N. Counts are what attention and MLP see (an
 SSM step's M and an IDM step's MLP M are different shapes).
 """
+import math
+
 from ..dit.config import make_config
-from ..dit.state import SDTMState
+from ..dit.state import SDTMState, block_flops
 from ..reference import schedule as ref_schedule
 
 # SD3-medium / Flux at 1024²: 64 x 64 image tokens; hidden sizes
@@ -19,30 +21,23 @@ def schedule_shapes(preset: str, num_steps: int, grid, channels: int, ratio_leve
     config = make_config(preset, ratio_levels=ratio_levels, num_steps=num_steps)
     state = SDTMState(config)
     state.grid = tuple(grid)
-    n, c = grid[0] * grid[1], channels
-    window_size = config.window[0] * config.window[1]
-    num_windows = (grid[0] // config.window[0]) * (grid[1] // config.window[1])
-
-    def block(tokens):
-        return 24 * tokens * c * c + 4 * tokens * tokens * c
-
+    n, c = math.prod(grid), channels
     base = total = 0
     counts = set()
     for step in range(num_steps):
         state.step = step
         mode = state.step_mode()
-        base += block(n)
+        base += block_flops(n, c)
         state.removal = state.n_remove(n) if mode in ("ssm", "idm") else 0
         if mode not in ("ssm", "idm") or (config.min_saving and state.block_saving(mode, n, c) < config.min_saving):
-            total += block(n)
+            total += block_flops(n, c)
             continue
+        rows = n - ref_schedule.tokens_removed(mode, state.removal, state.grid, state.window)
         if mode == "ssm":
-            rows = n - (window_size - 1) * ref_schedule.ssm_windows_to_merge(state.removal, window_size, num_windows)
-            total += block(rows)
+            total += block_flops(rows, c)
             counts.add(("attn+mlp", rows))
         else:
-            rows = n - ref_schedule.idm_tokens_to_merge(state.removal, n - num_windows)
-            total += block(n) - 16 * (n - rows) * c * c
+            total += block_flops(n, c) - 16 * (n - rows) * c * c
             counts.add(("mlp", rows))
     return {"counts": sorted(counts), "flop_bound": base / total}
 

@@ -110,6 +110,9 @@ class SDTMState:
         self._draw_buffer = None  # static int64 [layers, B, G] buffer of the step's dst draws
         self.reset()
 
+    def _slot_of(self, layer) -> BlockSlot:
+        return layer if isinstance(layer, BlockSlot) else self.slot(layer)
+
     def slot(self, layer: int) -> BlockSlot:
         """The ``BlockSlot`` of ``layer`` (created on first use)."""
         while len(self.slots) <= layer:
@@ -366,12 +369,8 @@ class SDTMState:
         (``16 (N - M) C^2``). M follows from the call's ``removal``, as the plan's."""
         n, c = num_tokens, channels
         removed = ref_schedule.tokens_removed(mode, self.removal, self.grid, self.window)
-
-        def flops(tokens):
-            return 24 * tokens * c * c + 4 * tokens * tokens * c
-
-        saved = flops(n) - flops(n - removed) if mode == "ssm" else 16 * removed * c * c
-        return saved / flops(n) if n else 0.0
+        saved = block_flops(n, c) - block_flops(n - removed, c) if mode == "ssm" else 16 * removed * c * c
+        return saved / block_flops(n, c) if n else 0.0
 
     @property
     def window(self):
@@ -411,7 +410,7 @@ class SDTMState:
         ``idm_score="attention"``): attention each image token receives from the prompt.
         ``layer``: the block's ``BlockSlot`` (or its layer index)."""
         cfg = self.config
-        slot = layer if isinstance(layer, BlockSlot) else self.slot(layer)
+        slot = self._slot_of(layer)
         self._ensure_generator(metric.device)  # made by begin_call when the caller gives the device
         num_tokens = metric.shape[1]
         li_buf = self.li_now
@@ -481,14 +480,14 @@ class SDTMState:
         return {call: buf for call, buf in self._li_buffers.items() if not self._li_fresh.get(call, True)}
 
     def get_cache(self, layer, name: str, like: torch.Tensor):
-        slot = layer if isinstance(layer, BlockSlot) else self.slot(layer)
+        slot = self._slot_of(layer)
         cache = slot.cache.get(name)
         if cache is None or cache.shape != like.shape or cache.dtype != like.dtype or cache.device != like.device:
             return None
         return cache
 
     def set_cache(self, layer, name: str, value: torch.Tensor):
-        slot = layer if isinstance(layer, BlockSlot) else self.slot(layer)
+        slot = self._slot_of(layer)
         slot.fresh[name] = value.detach()  # adopted by end_call (a fresh dict: nothing to guard on)
 
     # -- pickling: the settings travel, the generation does not -------------------------------
@@ -512,6 +511,12 @@ class SDTMState:
     def steps_stats(self, key: str = "attn"):
         """``{(step, layer): tokens}`` for the first call of each step."""
         return {(s["step"], s["layer"]): s[key] for s in self.stats if s["call"] == 0}
+
+
+def block_flops(tokens: int, channels: int) -> int:
+    """FLOPs of a generic DiT block on ``tokens`` image tokens (``min_saving``'s model): projections,
+    attention and an MLP of ratio 4, ``24 n C^2 + 4 n^2 C``; the MLP alone is ``16 n C^2``."""
+    return 24 * tokens * channels * channels + 4 * tokens * tokens * channels
 
 
 def expand_plan(plan, batch: int):
