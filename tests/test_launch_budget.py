@@ -11,9 +11,12 @@ into the state's static buffer), 2 merges and 2 unmerges that replace the stock 
 gate multiplies; IDM 6: lists, row norms, match, top-k, plan build, 1 merge of 2 launches (the
 chunk pass that spreads long rows over many programs; SSM rows are at most one window, so SSM
 merges skip it), 1 unmerge). The random dst positions of a whole step are one draw per call,
-outside the blocks. Flux does not yet (9 / 10): its shared plan adds the batch mean of the metric,
-the rotary table gather (cat + index_select) and, in single blocks, the joins of text and image
-rows; ``BUDGET["flux"]`` keeps it from growing.
+outside the blocks. Flux, counted per block type: double blocks 5 (SSM; the batch mean of the
+shared-plan metric, only with batch > 1, and the rotary gather, one launch into a per-call buffer
+that holds the text entries) and 7 (IDM); single blocks 8 (SSM) and 10 (IDM: the budget is not
+met yet: its MLP branch runs on ``[text, merged image rows]``, one join, and the attention half
+of ``proj_out`` is applied apart, one more launch than the stock fused projection).
+``BUDGET`` holds each type to its count.
 """
 import pytest
 
@@ -25,7 +28,10 @@ from sdtm_kernels.dit import get_state  # noqa: E402
 
 from test_dit_diffusers import TIMESTEPS, build  # noqa: E402
 
-BUDGET = {"sd3": 8, "flux": 10}  # flux: a regression guard, not yet the budget (module docstring)
+# (family, block type) -> (SSM, IDM) launches added per merged block; flux single IDM: a regression
+# guard, not yet the issue's budget of 8 (module docstring)
+BUDGET = {("sd3", "JointTransformerBlock"): (8, 8), ("flux", "FluxTransformerBlock"): (8, 8),
+          ("flux", "FluxSingleTransformerBlock"): (8, 10)}
 STEPS = TIMESTEPS[:4]  # protected (cache written), SSM with the cache, IDM with the cache, protected
 PER_CALL = 2  # outside the blocks: the pre-hook's timestep read (a host scalar) and the step's dst draw
 
@@ -41,21 +47,30 @@ def _per_step_counts(run, blocks):
 @pytest.mark.parametrize("name", ["sd3", "flux"])
 def test_launches_added_per_merged_block(name):
     model, run = build(name, layers=2)
-    blocks = _blocks(model)
-    unpatched = _per_step_counts(run, blocks)
+    by_type = {}
+    for block in _blocks(model):
+        by_type.setdefault(type(block).__name__, []).append(block)
+    unpatched = {kind: _per_step_counts(run, blocks) for kind, blocks in by_type.items()}
     sk.apply_sdtm(model, ratio=0.5, deviation=0.1, switch_step=1, protect_steps=3, num_steps=len(STEPS),
                   backend="triton")
-    patched = _per_step_counts(run, blocks)
+    patched = {kind: _per_step_counts(run, blocks) for kind, blocks in by_type.items()}
     by_step = {}
     for rec in get_state(model).stats:
         by_step.setdefault(rec["step"], []).append(rec["mode"])
-    assert by_step[0] == by_step[3] == ["protected"] * len(by_step[0])
+    steps_seen = len(by_step[0])
+    assert by_step[0] == by_step[3] == ["protected"] * steps_seen
     assert set(by_step[1]) == {"ssm"} and set(by_step[2]) == {"idm"}
-    if name == "sd3":  # protected steps add nothing inside the blocks (the cache is the block's output)
-        assert total(patched[3][1]) == total(unpatched[3][1])
-    for step in (1, 2):
-        (all_p, block_p), (all_u, block_u) = patched[step], unpatched[step]
-        added, ops = per_block_added(block_p, block_u, len(by_step[step]))
-        assert added <= BUDGET[name], f"{name} {by_step[step][0]}: {added:.1f} launches per merged block: {dict(ops)}"
-        assert not any(op.startswith(("aten::item", "aten::equal")) for op in ops)  # no host synchronisation
-        assert total(all_p) - total(block_p) - (total(all_u) - total(block_u)) <= PER_CALL
+    for kind, blocks in by_type.items():
+        budget = BUDGET[name, kind]
+        if name == "sd3":  # protected steps add nothing inside the blocks (the cache is the block's output)
+            assert total(patched[kind][3][1]) == total(unpatched[kind][3][1])
+        for step, limit in zip((1, 2), budget):
+            added, ops = per_block_added(patched[kind][step][1], unpatched[kind][step][1], len(blocks))
+            mode = by_step[step][0]
+            assert added <= limit, f"{name} {kind} {mode}: {added:.1f} launches per merged block: {dict(ops)}"
+            assert not any(op.startswith(("aten::item", "aten::equal")) for op in ops)  # no host synchronisation
+    for step in (1, 2):  # outside every block: only the per-call work
+        def outside(counts):
+            whole = total(next(iter(counts.values()))[step][0])
+            return whole - sum(total(per_kind[step][1]) for per_kind in counts.values())
+        assert outside(patched) - outside(unpatched) <= PER_CALL

@@ -34,9 +34,13 @@ def gather_rotary(ctx, sublayer, image_rotary_emb, text_len):
             and all(isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == text_len + num_tokens
                     for t in image_rotary_emb)):
         rep = ctx.plan.rep_token[0]  # shared plan: every row of rep_token is the same (int32 indexes too)
-        # cos and sin in one gather: [text entries, representative entries] (two launches per block)
-        table = ctx.state.stacked_rotary(image_rotary_emb)  # [2, T + N, D], stacked once per call
-        rows = torch.cat([table[:, :text_len], table[:, text_len:].index_select(1, rep.to(table.device))], dim=1)
+        table = ctx.state.stacked_rotary(image_rotary_emb)  # [2, T + N, D]: cos and sin, stacked once per call
+        rep = rep.to(table.device)
+        if torch.compiler.is_compiling() or torch.is_grad_enabled():
+            rows = torch.cat([table[:, :text_len], table[:, text_len:].index_select(1, rep)], dim=1)
+        else:  # eager inference: one launch into a per-call buffer that holds the text entries
+            rows = _rows_buffer(table, text_len)[:, :text_len + rep.shape[0]]
+            torch.index_select(table[:, text_len:], 1, rep, out=rows[:, text_len:])
         return rows[0], rows[1]
     import diffusers
 
@@ -45,6 +49,19 @@ def gather_rotary(ctx, sublayer, image_rotary_emb, text_len):
         f"(diffusers >= 0.30); this diffusers {diffusers.__version__} passes "
         f"{type(image_rotary_emb).__name__}, which is not supported"
     )
+
+
+def _rows_buffer(table, text_len):
+    """A ``[2, T + N, D]`` buffer whose first ``T`` entries are the text entries of ``table``, made
+    once per call (per stacked table) and reused by every block: each block's gather overwrites
+    the image part, read by that block's attention before the next block runs (eager, no autograd
+    holding the table)."""
+    entry = getattr(table, "_sdtm_rows", None)  # lives and dies with the call's stacked table
+    if entry is None or entry[0] != text_len:
+        buffer = torch.empty_like(table)
+        buffer[:, :text_len] = table[:, :text_len]
+        entry = table._sdtm_rows = (text_len, buffer)
+    return entry[1]
 
 
 def double_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
@@ -103,7 +120,8 @@ def double_forward(self, hidden_states, encoder_hidden_states, temb, image_rotar
 
 
 def _single(self, hidden_states, text_len, temb, image_rotary_emb, joint_attention_kwargs):
-    """The single block on the joint ``[text, image]`` sequence; returns the joint output.
+    """The single block on the joint ``[text, image]`` sequence; returns the text and the image
+    output (merged steps compute them apart: no join launch; views of one output otherwise).
 
     The attention and MLP branches share one input and one output projection
     ``proj_out(cat[attn, mlp]) = W_a @ attn + W_m @ mlp + b``. Caches: "attn" holds
@@ -140,10 +158,10 @@ def _single(self, hidden_states, text_len, temb, image_rotary_emb, joint_attenti
         else:
             attn_output = self.attn(hidden_states=rows, image_rotary_emb=rotary, **joint_attention_kwargs)
         out = self.proj_out(torch.cat([attn_output, mlp_hidden_states], dim=2))
-        text_out = residual[:, :text_len] + gate_b * out[:, :text_len]
+        text_out = torch.addcmul(residual[:, :text_len], gate_b, out[:, :text_len])  # one launch
         image_out = ctx.finish("attn", out[:, text_len:], residual=residual[:, text_len:], gate=gate,
                                cache_names=("attn", "mlp"))
-        hidden_states = torch.cat([text_out, image_out], dim=1)
+        return _clip_fp16(text_out), _clip_fp16(image_out)
     elif ctx.merges("mlp"):  # IDM: attention at full length, MLP branch on [text, merged image rows]
         if own:
             key_bias = prompt_key_bias(ctx, text_len, ctx.num_tokens, norm_hidden_states.shape[0], False,
@@ -156,12 +174,12 @@ def _single(self, hidden_states, text_len, temb, image_rotary_emb, joint_attenti
         w_attn, w_mlp = weight[:, :attn_dim], weight[:, attn_dim:]
         # residual + gate * (W_a attn + b) for every token, then the MLP half: text rows directly,
         # image rows merged (one MLP pass over [text, merged image rows])
-        with_attn = residual + gate_b * F.linear(attn_output, w_attn, bias)
+        with_attn = torch.addcmul(residual, gate_b, F.linear(attn_output, w_attn, bias))
         rows = torch.cat([norm_hidden_states[:, :text_len], ctx.merge("mlp", image_norm)], dim=1)
         mlp_out = F.linear(self.act_mlp(self.proj_mlp(rows)), w_mlp)
-        text_out = with_attn[:, :text_len] + gate_b * mlp_out[:, :text_len]
+        text_out = torch.addcmul(with_attn[:, :text_len], gate_b, mlp_out[:, :text_len])
         image_out = ctx.finish("mlp", mlp_out[:, text_len:], residual=with_attn[:, text_len:], gate=gate)
-        hidden_states = torch.cat([text_out, image_out], dim=1)
+        return _clip_fp16(text_out), _clip_fp16(image_out)
     else:  # exact (diffusers' computation); protected steps also split the image output for the cache
         ctx.note("attn", ctx.num_tokens)
         ctx.note("mlp", ctx.num_tokens)
@@ -180,10 +198,12 @@ def _single(self, hidden_states, text_len, temb, image_rotary_emb, joint_attenti
             mlp_part = gate_b * F.linear(mlp_hidden_states[:, text_len:], weight[:, attn_dim:])
             state.set_cache(ctx.slot, "mlp", mlp_part)
             state.set_cache(ctx.slot, "attn", out[:, text_len:] - mlp_part)
-        hidden_states = residual + out
-    if hidden_states.dtype == torch.float16:
-        hidden_states = hidden_states.clip(-65504, 65504)
-    return hidden_states
+        hidden_states = _clip_fp16(residual + out)
+    return hidden_states[:, :text_len], hidden_states[:, text_len:]
+
+
+def _clip_fp16(x):
+    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
 
 
 def single_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
@@ -191,8 +211,7 @@ def single_forward(self, hidden_states, encoder_hidden_states, temb, image_rotar
     """diffusers >= 0.35 signature: two streams in, two streams out."""
     text_len = encoder_hidden_states.shape[1]
     joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-    out = _single(self, joint, text_len, temb, image_rotary_emb, joint_attention_kwargs)
-    return out[:, :text_len], out[:, text_len:]
+    return _single(self, joint, text_len, temb, image_rotary_emb, joint_attention_kwargs)
 
 
 def single_forward_joint(self, hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
@@ -202,7 +221,8 @@ def single_forward_joint(self, hidden_states, temb, image_rotary_emb=None, joint
     text_len = getattr(state, "text_len", None)
     if text_len is None:  # no step context: nothing is merged, any split is fine
         text_len = 0
-    return _single(self, hidden_states, text_len, temb, image_rotary_emb, joint_attention_kwargs)
+    text_out, image_out = _single(self, hidden_states, text_len, temb, image_rotary_emb, joint_attention_kwargs)
+    return torch.cat([text_out, image_out], dim=1)
 
 
 def single_forward_for(cls):
