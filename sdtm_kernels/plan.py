@@ -200,3 +200,33 @@ class MergePlan:
                                 "(convert it with li.to(torch.int32) if its values fit)")
             check_same_device("li", li, "the plan", self.row_of_token)
         return ref_merge.update_li(li, self.row_of_token, self.rep_token, self.blend, mode)
+
+
+def join_shards(plan: MergePlan, shards: int) -> MergePlan:
+    """One plan over ``shards`` consecutive slabs of tokens from a plan that planned each slab as
+    a batch row of its own: ``[B * shards, n]`` (row ``b * shards + s`` is slab ``s`` of sample
+    ``b``) -> ``[B, shards * n]``. Slab ``s`` keeps its tokens ``[s * n, (s + 1) * n)`` and its
+    rows ``[s * M, (s + 1) * M)``, so the rows stay ordered by their lowest member and no row
+    spans two slabs. Views and index shifts only (no host read)."""
+    shards = check_int("shards", shards, minimum=1)
+    if shards == 1:
+        return plan
+    rows, n = plan.row_of_token.shape
+    if rows % shards:
+        raise ValueError(f"join_shards: the plan's batch ({rows}) is not a multiple of shards={shards}")
+    batch, m = rows // shards, plan.num_rows
+    step = torch.arange(shards, dtype=torch.int32, device=plan.device).view(1, shards, 1)
+
+    def joined(t, width, offset):
+        return (t.reshape(batch, shards, width) + step * offset).reshape(batch, shards * width)
+
+    total = shards * n
+    row_start = torch.cat([joined(plan.row_start[:, :m], m, n),
+                           torch.full((batch, 1), total, dtype=torch.int32, device=plan.device)], dim=1)
+    out = MergePlan(joined(plan.row_of_token, n, m), joined(plan.members, n, n), row_start,
+                    joined(plan.rep_token, m, n), plan.blend.reshape(batch, total), num_tokens=total,
+                    num_rows=shards * m, validate=debug_enabled() and not _is_compiling())
+    out.max_members, out.li_mode = plan.max_members, plan.li_mode
+    if plan.li_next is not None:
+        out.li_next = plan.li_next.reshape(batch, total)  # a view: the li buffer the planner wrote into
+    return out

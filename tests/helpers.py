@@ -130,3 +130,43 @@ def assert_bipartite_plans_agree(got, want, metric, rank_score=None):
                 clear &= margin > DECISION_TOL and bool((gap[merged] > DECISION_TOL).all())
     if clear:
         assert_same_plan(got, want)
+
+
+# -- host reads (synchronisation with the GPU) inside watched modules -----------------------------
+HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
+              torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.nonzero, torch.nonzero,
+              torch.Tensor.numpy, torch.equal}
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Records every torch function that reads a tensor value on the host (``HOST_READS``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in HOST_READS:
+            self.seen.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads_in(modules, fn):
+    """The host reads made inside the calls of ``modules`` while ``fn()`` runs."""
+    reads = HostReads()
+
+    def start(*_):
+        reads.__enter__()
+
+    def stop(*_):
+        reads.__exit__(None, None, None)
+
+    handles = []
+    for module in modules:
+        handles += [module.register_forward_pre_hook(start), module.register_forward_hook(stop)]
+    try:
+        fn()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return reads.seen

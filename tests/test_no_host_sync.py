@@ -4,30 +4,14 @@ a block reads tensor values. Watched with a ``TorchFunctionMode`` over every tra
 pipeline's own code (scheduler, CFG) is outside the watched region."""
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 pytest.importorskip("diffusers")
 
 import sdtm_kernels as sk  # noqa: E402
 from sdtm_kernels.dit import get_state  # noqa: E402
 
+from helpers import HostReads  # noqa: E402
 from test_dit_schedule import inputs, tiny_pipeline  # noqa: E402
-
-HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
-              torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.nonzero, torch.nonzero,
-              torch.Tensor.numpy, torch.equal}
-
-
-class HostReads(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in HOST_READS:
-            self.seen.append(getattr(func, "__name__", str(func)))
-        return func(*args, **(kwargs or {}))
-
 
 def watch(module, reads):
     def start(mod, args, kwargs):

@@ -53,6 +53,12 @@ class SDTMConfig:
                          merged token counts (one compiled graph / CUDA graph each; the exact
                          schedule has 13-27 at 1024²). None or 0: the release's exact per-step
                          schedule. docs/SEMANTICS.md, "Few shapes".
+    shards               plan in this many equal slabs of the token grid, cut along its first
+                         axis (rows of ``(H, W)``, frames of ``(T, H, W)``), each planned on
+                         its own with the same merge count, so that no window or merge group
+                         spans two slabs. Under context parallelism every rank plans on its own
+                         slab (docs/PARALLEL.md); ``shards=k`` on one process merges exactly as a
+                         k-rank run does. 1: one plan over the whole grid.
     """
 
     ratio: float = 0.3
@@ -75,6 +81,7 @@ class SDTMConfig:
     a_p: Union[float, Tuple[float, float]] = 1.0
     min_saving: float = 0.0
     ratio_levels: Optional[int] = 3
+    shards: int = 1
 
     def __post_init__(self):
         ratio, deviation = check_float("ratio", self.ratio), check_float("deviation", self.deviation)
@@ -133,10 +140,12 @@ class SDTMConfig:
         ratio_levels = self.ratio_levels
         if ratio_levels is not None:
             ratio_levels = check_int("ratio_levels", ratio_levels, minimum=0) or None
+        shards = check_int("shards", self.shards, minimum=1)
         for name, value in (("a_d", a_d), ("a_p", a_p), ("ratio", ratio), ("deviation", deviation), ("switch_step", switch),
                             ("protect_steps", protect_steps), ("protect_layers", protect_layers), ("mcw", mcw),
                             ("a_s", a_s), ("seed", seed), ("num_steps", num_steps), ("window", window),
-                            ("min_saving", min_saving), ("ratio_levels", ratio_levels)):
+                            ("min_saving", min_saving), ("ratio_levels", ratio_levels),
+                            ("shards", shards)):
             object.__setattr__(self, name, value)
 
     def switch_index(self, num_steps: int) -> int:

@@ -21,9 +21,11 @@ registered earlier (group offloading's onload/offload, a cache applied first: th
 ``pre_forward`` / ``new_forward`` still run around SDTM's forward) and beneath accelerate's
 ``_old_forward`` (``enable_model_cpu_offload`` removes and re-adds its hooks after every
 pipeline call; a hook stacked on top of it would be dropped). Hooks registered later wrap SDTM
-as usual. ``remove_innermost`` takes an SDTM hook out of that chain again without disturbing
-the hooks above it (diffusers' own ``HookRegistry.remove_hook`` would overwrite the forward of
-a ``new_forward`` hook registered after it).
+as usual. Context parallelism's split hooks therefore always run first, whichever was applied
+first: the transformer hook sees the rank's split inputs (``parallel.local_grid``).
+``remove_innermost`` takes an SDTM hook out of that chain again without disturbing the hooks
+above it (diffusers' own ``HookRegistry.remove_hook`` would overwrite the forward of a
+``new_forward`` hook registered after it).
 
 Pickling: the forwards installed here are instances of module-level classes
 (``_ChainForward``, ``_ClassForward``) and ``functools.partial`` objects of bound methods, so a
@@ -38,10 +40,9 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import HookFunctionReference
 
-HOOK_NAME = "sdtm"
+from . import parallel
 
-# diffusers hooks that split the sequence across ranks (context parallelism)
-_CONTEXT_PARALLEL_PREFIXES = ("cp_input---", "cp_output---")
+HOOK_NAME = "sdtm"
 
 
 class SDTMError(RuntimeError):
@@ -264,6 +265,7 @@ class SDTMTransformerHook(ModelHook):
     def _init_runtime(self):
         self._signature = None
         self.warned_grid = False
+        self.warned_parallel = set()  # the context-parallel warnings given
         self.generation = None  # state.generations of the counters below
         self.calls = 0  # transformer calls of that generation
         self.calls_without_grid = 0
@@ -284,13 +286,21 @@ class SDTMTransformerHook(ModelHook):
         text_len = encoder.shape[1] if isinstance(encoder, torch.Tensor) and encoder.dim() == 3 else None
         from .patch import _token_grid
 
+        warned = len(state._warned)
         grid = _token_grid(state, module, arguments)
-        if grid is None and not self.warned_grid:
+        explained = len(state._warned) > warned  # a family's grid reader warned with its reason
+        hidden = arguments.get("hidden_states")
+        context, reason = parallel.context_parallel(module), None
+        if context is not None:  # this rank's slab (docs/PARALLEL.md)
+            seen = hidden.shape[1] if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 else None
+            grid, reason = parallel.local_grid(grid, context, seen)
+            self._warn_parallel(reason)
+        if grid is None and reason is None and not explained and not self.warned_grid:
             self.warned_grid = True
             warnings.warn(f"SDTM: cannot read the image token grid from this {type(module).__name__} call "
-                          "(expected a [B, C, H, W] latent with config.patch_size, or Flux img_ids on one raster "
-                          "grid); such calls run without merging", RuntimeWarning, stacklevel=3)
-        hidden = arguments.get("hidden_states")
+                          "(expected a [B, C, H, W] or [B, C, F, H, W] latent with config.patch_size, Flux / Flux.2 "
+                          "img_ids on one raster grid, or Qwen-Image img_shapes); such calls run without merging",
+                          RuntimeWarning, stacklevel=3)
         batch, device = (hidden.shape[0], hidden.device) if isinstance(hidden, torch.Tensor) else (None, None)
         state.begin_call(arguments.get("timestep"), grid, text_len=text_len, batch=batch, device=device)
         if self.generation != state.generations:  # the first call of a generation
@@ -303,9 +313,16 @@ class SDTMTransformerHook(ModelHook):
                     state.end_call()
                     self.generation = None
                     raise
+            if context is not None:
+                self._warn_parallel(parallel.too_small(state))
         self.calls += 1
         self.calls_without_grid += grid is None
         return args, kwargs
+
+    def _warn_parallel(self, message):
+        if message is not None and message not in self.warned_parallel:
+            self.warned_parallel.add(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     @torch.compiler.disable
     def post_forward(self, module, output):
@@ -320,7 +337,7 @@ class SDTMTransformerHook(ModelHook):
 
     def __getstate__(self):
         values = dict(self.__dict__)
-        for name in ("_signature", "warned_grid", "generation", "calls", "calls_without_grid"):
+        for name in ("_signature", "warned_grid", "warned_parallel", "generation", "calls", "calls_without_grid"):
             values.pop(name, None)
         values["pending_reset"] = False
         return values
@@ -347,8 +364,8 @@ def check_combinations(model, blocks, config):
       attention-output mode, Pyramid Attention Broadcast, FasterCache): it reuses a sub-layer's
       output from an earlier step, and under SDTM that sub-layer sees a different number of
       tokens at every step. Block-level caches (First Block Cache, MagCache, TaylorSeer lite) work.
-    * context parallelism (``enable_parallelism`` with a ``ContextParallelConfig``): each rank
-      sees a slice of the image tokens, not the token grid SDTM merges on.
+    * context parallelism where SDTM cannot merge rank-locally (``parallel.check``: a model
+      without diffusers' context-parallel plan, uneven chunks, SDTM's own attention options).
     * ``idm_score="attention"`` / ``prompt_reweight`` with an attention backend other than
       "native" set by ``set_attention_backend``: those options compute the joint attention with
       SDTM's own SDPA call, which would ignore that backend.
@@ -370,18 +387,7 @@ def check_combinations(model, blocks, config):
                         "at every step. Use a block-level cache with SDTM (apply_first_block_cache, apply_mag_cache, "
                         "TaylorSeerCacheConfig(use_lite_mode=True)) or remove one of the two "
                         "(sdtm_kernels.remove_sdtm / transformer.disable_cache())")
-    parallel = getattr(model, "_parallel_config", None)
-    context_parallel = getattr(parallel, "context_parallel_config", None) is not None
-    if not context_parallel:
-        for module in model.modules():
-            registry = getattr(module, "_diffusers_hook", None)
-            if registry is not None and any(n.startswith(_CONTEXT_PARALLEL_PREFIXES) for n in registry._hook_order):
-                context_parallel = True
-                break
-    if context_parallel:
-        raise SDTMError(
-            "SDTM cannot run with context parallelism (diffusers enable_parallelism with a ContextParallelConfig): "
-            "each rank sees a slice of the image tokens, not the token grid SDTM merges on. Use one of the two")
+    parallel.check(model, config)
     if config.idm_score == "attention" or config.prompt_reweight:
         for block in blocks:
             for sub in block.modules():

@@ -50,13 +50,18 @@ _PIPELINE_SUBCLASSES = {}
 
 # -- which blocks ------------------------------------------------------------------------------
 def _family(block):
-    """The SDTM forward for ``block``'s class, or None when unsupported."""
+    """The SDTM forward for ``block``'s class, or None when unsupported. A block described with
+    ``describe_block`` takes the generic path, also when a fused family supports its class."""
+    from . import describe
+
+    if (forward := describe.forward_for(block)) is not None:
+        return forward
     try:
         import diffusers  # noqa: F401
     except ImportError:
         return None
     cls = type(block)
-    for module_name, class_name, loader in _FAMILIES:
+    for module_name, class_name, loader in _all_families():
         base = _load(module_name, class_name)
         if base is not None and isinstance(block, base) and cls.forward is base.forward:
             forward, supports = loader(cls)
@@ -103,6 +108,66 @@ _FAMILIES = (
     ("diffusers.models.transformers.transformer_flux", "FluxSingleTransformerBlock", _flux_single),
 )
 
+# Families in their own modules (``sdtm_kernels.dit.<name>``), each defining ``BLOCKS`` (entries
+# like ``_FAMILIES``: module, class, loader(cls) -> (forward, supports)), ``MODELS`` ((module,
+# class) of its transformers) and ``token_grid(state, model, arguments)`` (the grid of a call).
+FAMILY_MODULES = ("wan", "qwen_image", "flux2", "hunyuan_video")
+
+# What the unknown-model error lists: (family, transformer classes).
+SUPPORTED_FAMILIES = (
+    ("DiT", "DiTTransformer2DModel"),
+    ("PixArt-alpha / sigma", "PixArtTransformer2DModel"),
+    ("SD3 / SD3.5", "SD3Transformer2DModel"),
+    ("Flux.1", "FluxTransformer2DModel"),
+    ("Wan 2.1 / 2.2", "WanTransformer3DModel"),
+    ("HunyuanVideo", "HunyuanVideoTransformer3DModel, HunyuanVideoFramepackTransformer3DModel"),
+    ("Qwen-Image", "QwenImageTransformer2DModel"),
+    ("Flux.2", "Flux2Transformer2DModel"),
+)
+
+
+def _family_module(name):
+    import importlib
+
+    return importlib.import_module(f"{__package__}.{name}")
+
+
+def _all_families():
+    entries = list(_FAMILIES)
+    for name in FAMILY_MODULES:
+        entries.extend(_family_module(name).BLOCKS)
+    return entries
+
+
+_GRID_READERS = {}  # transformer class -> token_grid function of its family module (or None)
+
+
+def _grid_reader(model):
+    cls = type(model)
+    if cls not in _GRID_READERS:
+        reader = None
+        for name in FAMILY_MODULES:
+            module = _family_module(name)
+            for module_name, class_name in module.MODELS:
+                base = _load(module_name, class_name)
+                if base is not None and isinstance(model, base):
+                    reader = module.token_grid
+                    break
+            if reader is not None:
+                break
+        _GRID_READERS[cls] = reader
+    return _GRID_READERS[cls]
+
+
+def unsupported_message(model) -> str:
+    """The error for a model without a block SDTM knows: the supported families and the
+    generic path."""
+    families = "; ".join(f"{family} ({cls})" for family, cls in SUPPORTED_FAMILIES)
+    return (f"{type(model).__name__} has no block SDTM supports. Supported diffusers families: {families} "
+            "(DiT / PixArt: BasicTransformerBlock with ada_norm_zero / ada_norm_single). For another DiT, "
+            "describe its block in a few lines (sdtm_kernels.dit.describe_block, docs/SEMANTICS.md \"Other DiTs\") "
+            "or wrap your own blocks with sdtm_kernels.dit.SDTMBlockWrapper")
+
 
 def _hooks():
     """``sdtm_kernels.dit.hooks`` (imports diffusers.hooks: diffusers >= 0.33)."""
@@ -125,7 +190,10 @@ def _hooks():
 
 # -- the transformer call ----------------------------------------------------------------------
 def _token_grid(state, model, arguments):
-    """(H, W) of the image token grid from the call's inputs, or None when unknown."""
+    """(H, W) or (T, H, W) of the image token grid from the call's inputs, or None when unknown."""
+    reader = _grid_reader(model)
+    if reader is not None:
+        return reader(state, model, arguments)
     img_ids = arguments.get("img_ids")
     if img_ids is not None:  # Flux: ids[:, 1] = row, ids[:, 2] = column (raster order)
         ids = img_ids[0] if img_ids.dim() == 3 else img_ids
@@ -142,10 +210,21 @@ def _token_grid(state, model, arguments):
             grid = None  # not one raster grid (e.g. extra reference-image tokens): run exactly
         state.grid_cache = (key, grid)
         return grid
-    hidden_states = arguments.get("hidden_states")
-    patch = getattr(getattr(model, "config", None), "patch_size", None)
-    if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 4 and patch:
+    return latent_grid(arguments.get("hidden_states"), getattr(getattr(model, "config", None), "patch_size", None))
+
+
+def latent_grid(hidden_states, patch, patch_t=None):
+    """Token grid of a patchified latent: ``[B, C, H, W]`` -> ``(H / p, W / p)``; ``[B, C, F, H, W]``
+    -> ``(F / p_t, H / p_h, W / p_w)`` with ``patch`` ``(p_t, p_h, p_w)`` or ``p`` (and ``patch_t``).
+    None when the latent or patch size is not of that form."""
+    if not isinstance(hidden_states, torch.Tensor) or not patch:
+        return None
+    if hidden_states.dim() == 4 and isinstance(patch, int):
         return hidden_states.shape[-2] // patch, hidden_states.shape[-1] // patch
+    if hidden_states.dim() == 5:
+        sizes = tuple(patch) if isinstance(patch, (tuple, list)) else (patch_t or 1, patch, patch)
+        if len(sizes) == 3 and all(isinstance(p, int) and p > 0 for p in sizes):
+            return tuple(extent // p for extent, p in zip(hidden_states.shape[-3:], sizes))
     return None
 
 
@@ -331,12 +410,14 @@ def apply_sdtm(pipe_or_model, *, preset=_UNSET, ratio=_UNSET, deviation=_UNSET, 
                protect_steps=_UNSET, protect_layers=_UNSET, mcw=_UNSET, a_s=_UNSET, merge_mode=_UNSET,
                random_dst=_UNSET, seed=_UNSET, num_steps=_UNSET, backend=_UNSET, merge_cross_attention=_UNSET,
                window=_UNSET, idm_score=_UNSET, a_d=_UNSET, prompt_reweight=_UNSET, a_p=_UNSET,
-               min_saving=_UNSET, ratio_levels=_UNSET):
+               min_saving=_UNSET, ratio_levels=_UNSET, shards=_UNSET):
     """Patch a diffusers pipeline (anything with ``.transformer``) or transformer with SDTM.
 
     Supported blocks: ``BasicTransformerBlock`` (ada_norm_zero: DiT; ada_norm_single: PixArt),
     ``JointTransformerBlock`` (SD3, SD3.5 incl. dual attention), ``FluxTransformerBlock`` and
-    ``FluxSingleTransformerBlock``.
+    ``FluxSingleTransformerBlock``, and the families of ``FAMILY_MODULES``: Wan 2.1 / 2.2
+    (``WanTransformerBlock``), Qwen-Image, Flux.2 (double and single), HunyuanVideo (double,
+    single, token-replace). Other blocks: ``describe_block`` (the generic path).
 
     Settings: ``preset`` names an entry of ``PRESETS``; without one the first ``apply_sdtm``
     uses ``"released"`` (the defaults: ``apply_sdtm(pipe) == apply_sdtm(pipe, preset="released")``).
@@ -353,12 +434,16 @@ def apply_sdtm(pipe_or_model, *, preset=_UNSET, ratio=_UNSET, deviation=_UNSET, 
     inpainting ``strength``, Heun-type schedulers: one step per scheduler step); a bare
     transformer needs ``num_steps`` and counts a step per new timestep. Returns the pipeline
     or model. Applying again resets the state; ``remove_sdtm`` undoes everything.
+
+    Multi-GPU: under diffusers' context parallelism (``enable_parallelism``, before or after
+    ``apply_sdtm``) every rank merges on its own slab of the token grid; ``shards=k`` plans the
+    same way on one process (k slabs along the grid's first axis). docs/PARALLEL.md.
     """
     given = dict(ratio=ratio, deviation=deviation, switch_step=switch_step, protect_steps=protect_steps,
                  protect_layers=protect_layers, mcw=mcw, a_s=a_s, merge_mode=merge_mode, random_dst=random_dst,
                  seed=seed, num_steps=num_steps, backend=backend, merge_cross_attention=merge_cross_attention,
                  window=window, idm_score=idm_score, a_d=a_d, prompt_reweight=prompt_reweight, a_p=a_p,
-                 min_saving=min_saving, ratio_levels=ratio_levels)
+                 min_saving=min_saving, ratio_levels=ratio_levels, shards=shards)
     assert set(given) == set(OPTION_NAMES)
     explicit = {name: value for name, value in given.items() if value is not _UNSET}
     pipe, model = _split(pipe_or_model)
@@ -377,11 +462,10 @@ def apply_sdtm(pipe_or_model, *, preset=_UNSET, ratio=_UNSET, deviation=_UNSET, 
         )
     blocks = [(block, forward) for block in model.modules() if (forward := _family(block)) is not None]
     if not blocks:
-        raise TypeError(
-            f"{type(model).__name__} has no block SDTM supports (diffusers BasicTransformerBlock with "
-            "ada_norm_zero/ada_norm_single, JointTransformerBlock, FluxTransformerBlock, "
-            "FluxSingleTransformerBlock); for your own DiT blocks use sdtm_kernels.dit.SDTMBlockWrapper"
-        )
+        raise TypeError(unsupported_message(model))
+    from . import describe
+
+    described_grid = describe.grid_reader(block for block, _ in blocks)  # describe_block(..., grid=)
     _check_joint_attention(config, model, blocks)
     hooks = _hooks()
     hooks.check_combinations(model, [block for block, _ in blocks], config)
@@ -405,6 +489,10 @@ def apply_sdtm(pipe_or_model, *, preset=_UNSET, ratio=_UNSET, deviation=_UNSET, 
             block._sdtm_state = state
             block._sdtm_layer = layer
             block._sdtm_slot = state.slot(layer)
+            describe.sync(block, forward)  # described blocks: hooks on their sub-modules
+        _GRID_READERS.pop(type(model), None)
+        if described_grid is not None:
+            _GRID_READERS[type(model)] = described_grid
     except BaseException:
         if fresh:
             remove_sdtm(model)
@@ -457,9 +545,9 @@ def _check_joint_attention(config, model, blocks):
                      if getattr(forward, "__module__", "") not in JOINT_ATTENTION_MODULES})
     if others:
         raise ValueError(
-            f"{' and '.join(options)} need joint text-image attention (SD3 JointTransformerBlock, Flux blocks); "
-            f"{type(model).__name__} has {', '.join(others)} blocks without it: use idm_score='similarity' and "
-            "prompt_reweight=False"
+            f"{' and '.join(options)} need SDTM's own joint text-image attention, written for SD3 "
+            f"(JointTransformerBlock) and Flux.1 blocks; {type(model).__name__} has {', '.join(others)} blocks it "
+            "does not cover: use idm_score='similarity' and prompt_reweight=False"
         )
 
 
@@ -478,8 +566,9 @@ def remove_sdtm(pipe_or_model):
     hooks = _hooks()
     for module in model.modules():
         hooks.remove_innermost(module)
-        for name in ("_sdtm_state", "_sdtm_layer", "_sdtm_slot"):
+        for name in ("_sdtm_state", "_sdtm_layer", "_sdtm_slot", "_sdtm_run"):
             module.__dict__.pop(name, None)
+    _GRID_READERS.pop(type(model), None)  # a described grid= reader goes with the patch
     registry = getattr(model, "_diffusers_hook", None)
     if registry is not None:  # anything named "sdtm" that was registered some other way
         registry.remove_hook(hooks.HOOK_NAME, recurse=True)

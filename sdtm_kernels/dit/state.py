@@ -35,6 +35,11 @@ no growing Python state. ``li`` lives in one static ``[B, N]`` buffer per call i
 place; the draws are made in place into a static buffer; the caches become static buffers (updated
 in place by ``end_call``) once a compiled call wrote them. Statistics of a compiled block are
 collected by ``end_call``.
+
+Slabs (``config.shards = k``, docs/PARALLEL.md): a call's grid is planned as ``k`` slabs cut along
+its first axis (``plan_grid``), each with the same ``removal`` and the same row of dst draws, as
+the ranks of a k-way context-parallel run plan theirs; under context parallelism the grid
+``begin_call`` gets is already the rank's slab (``parallel.local_grid``).
 """
 import math
 import warnings
@@ -43,10 +48,12 @@ from typing import Optional
 import torch
 
 from .._validation import check_int
+from ..plan import join_shards
 from ..planning import plan_idm, plan_idm_attention, plan_ssm, ratio_schedule
 from ..reference import schedule as ref_schedule
 from ..reference import windows as ref_windows
 from .config import SDTMConfig
+from .parallel import check_shards, shard_grid, slab_rows
 
 DEFAULT_SEED = 0
 ATTENTION_SUBLAYERS = ("attn", "attn2", "cross")
@@ -169,6 +176,9 @@ class SDTMState:
         With the call's ``batch`` and ``device`` (the diffusers hook passes them) the generator,
         the ``li`` buffer and this step's random dst draws are made here, outside the blocks: a
         compiled block never touches the generator and the draw is one launch per call."""
+        if grid is not None:
+            grid = tuple(int(g) for g in grid)  # (H, W) or (T, H, W)
+            check_shards(self.config.shards, grid)
         if self.active:  # the previous call was not closed (a user model without end_call)
             self.end_call()
         driven = self.driver is not None and not self._driver_off
@@ -187,7 +197,7 @@ class SDTMState:
             self._begin_scheduler_step(timestep, self.driver)
         else:
             self._begin_timestep(timestep_value(timestep), timestep)
-        self.grid = None if grid is None else tuple(int(g) for g in grid)  # (H, W) or (T, H, W)
+        self.grid = grid
         self.text_len = text_len
         self.active = True
         if device is None and isinstance(timestep, torch.Tensor):
@@ -198,7 +208,8 @@ class SDTMState:
         """The decisions of this call, made once for all blocks (see the module doc)."""
         self.mode = "exact" if self.grid is None else self.step_mode()
         num_tokens = 0 if self.grid is None else math.prod(self.grid)
-        self.removal = self.n_remove(num_tokens) if self.mode in ("ssm", "idm") else 0
+        shard_tokens = num_tokens // self.config.shards  # each slab is planned with the same count
+        self.removal = self.n_remove(shard_tokens) if self.mode in ("ssm", "idm") else 0
         self.li_fresh = self._li_fresh.get(self.call, True)
         self.li_now = None
         if batch is not None and device is not None and self.grid is not None:
@@ -252,7 +263,7 @@ class SDTMState:
         """One ``randint(K, (layers, batch, G))`` for every block of this call, drawn in place into a
         static buffer (row ``l``: layer ``l``; a plan shared by the batch takes its first row)."""
         window = self.window
-        shape = (max(self.num_layers, len(self.slots), 1), batch, ref_windows.num_windows(self.grid, window))
+        shape = (max(self.num_layers, len(self.slots), 1), batch, ref_windows.num_windows(self.plan_grid, window))
         key = (self.step, self.call, shape, device)
         if self._draw_key == key:
             return
@@ -366,11 +377,18 @@ class SDTMState:
         """Fraction of a block's FLOPs merging saves at this step (the rule of ``min_saving``):
         a generic DiT block, ``F(n) = 24 n C^2 + 4 n^2 C`` (projections, attention, MLP of ratio 4;
         prompt tokens left out); SSM runs the whole block on M rows, IDM only the MLP
-        (``16 (N - M) C^2``). M follows from the call's ``removal``, as the plan's."""
+        (``16 (N - M) C^2``). M follows from the call's ``removal`` (per slab with ``shards``), as
+        the plan's."""
         n, c = num_tokens, channels
-        removed = ref_schedule.tokens_removed(mode, self.removal, self.grid, self.window)
+        removed = self.config.shards * ref_schedule.tokens_removed(mode, self.removal, self.plan_grid, self.window)
         saved = block_flops(n, c) - block_flops(n - removed, c) if mode == "ssm" else 16 * removed * c * c
         return saved / block_flops(n, c) if n else 0.0
+
+    @property
+    def plan_grid(self):
+        """The grid one plan covers: the call's grid, or one of its ``config.shards`` slabs (the
+        first axis cut into equal parts: what one rank holds under context parallelism)."""
+        return shard_grid(self.grid, self.config.shards)
 
     @property
     def window(self):
@@ -425,13 +443,19 @@ class SDTMState:
         # the next li is written in place into the buffer (by the plan kernel in eager mode)
         common = dict(window=self.window, li=plan_li, random_dst=random_dst, generator=self.generator,
                       backend=cfg.backend, li_mode=cfg.merge_mode, dst_draw=draw, li_out=li_buf[: metric.shape[0]])
-        n_remove = self.removal
+        n_remove, shards, source = self.removal, cfg.shards, metric
+        if shards > 1:  # every slab planned on its own: slabs become batch rows, joined afterwards
+            source, received = slab_rows(metric, shards), slab_rows(received, shards)
+            for name in ("li", "li_out", "dst_draw"):
+                common[name] = slab_rows(common[name], shards, repeat=name == "dst_draw")
         if mode == "ssm":
-            plan = plan_ssm(metric, self.grid, n_remove, a_s=cfg.a_s, **common)
+            plan = plan_ssm(source, self.plan_grid, n_remove, a_s=cfg.a_s, **common)
         elif received is not None:
-            plan = plan_idm_attention(metric, self.grid, n_remove, received, a_d=cfg.a_d, **common)
+            plan = plan_idm_attention(source, self.plan_grid, n_remove, received, a_d=cfg.a_d, **common)
         else:
-            plan = plan_idm(metric, self.grid, n_remove, **common)
+            plan = plan_idm(source, self.plan_grid, n_remove, **common)
+        if shards > 1:
+            plan = join_shards(plan, shards)
         self.li_fresh = False
         self._li_written[self.call] = True
         if metric.shape[0] != batch:  # a plan shared by the batch: its counter lives in row 0
@@ -595,11 +619,14 @@ def nearest_level(rho: float, levels) -> float:
 
 
 def timestep_value(timestep) -> float:
-    """The timestep of a call as a Python float (one host read for a tensor)."""
+    """The timestep of a call as a Python float (one host read for a tensor): the first sample's
+    (its largest per-token value for ``[B, tokens]`` timesteps)."""
     if timestep is None:
         raise ValueError("the transformer was called without a timestep; SDTM needs it to count steps")
     if isinstance(timestep, torch.Tensor):
         if timestep.numel() == 0:
             raise ValueError("timestep is an empty tensor")
+        if timestep.dim() >= 2:  # per-token timesteps (Wan 2.2 TI2V): conditioned frames hold 0, so the max
+            return float(timestep[0].amax())
         return float(timestep.reshape(-1)[0])
     return float(timestep)

@@ -2,6 +2,7 @@
 what the last generation did (tokens per step and stage, estimated FLOP saving, warnings).
 Imports no diffusers: everything is read from the modules, the hooks and ``SDTMState.stats``."""
 import dataclasses
+import math
 import statistics
 from collections import Counter, defaultdict
 
@@ -174,7 +175,7 @@ def _other(model):
 
 def _num_tokens(state, stats):
     if state.grid is not None:
-        return state.grid[0] * state.grid[1]
+        return math.prod(state.grid)  # (H, W) or (T, H, W)
     return max(max(r.get("attn", 0), r.get("mlp", 0)) for r in stats) or None
 
 
