@@ -1,4 +1,5 @@
 """``python -m sdtm_kernels bench``: the main job at a tiny size, its FLOP model, its errors."""
+import argparse
 import io
 import json
 import math
@@ -100,6 +101,25 @@ def test_bench_own_dit_without_diffusers(tmp_path):
     assert seq["config"]["interleaved"] is False
     assert seq["runs"][1]["rel_l2_vs_unpatched"] == pytest.approx(run["rel_l2_vs_unpatched"], rel=1e-5)
     assert seq["runs"][1]["tokens_per_step"] == run["tokens_per_step"]
+
+
+def test_bench_video_family(tmp_path):
+    """``--family wan``: a 3-D token grid (frames x H x W) through the whole main job."""
+    pytest.importorskip("diffusers")
+    result, _, printed = _run(tmp_path, "--family", "wan", "--frames", "2", "--latent", "16", "--presets", "fast",
+                              "--no-host-time")
+    cfg = result["config"]
+    assert cfg["family"] == "wan" and cfg["grid"] == [2, 8, 8] and cfg["num_tokens"] == 2 * 8 * 8
+    run = result["runs"][1]
+    assert run["flop_bound_speedup"] > 1.0 and 0 < run["rel_l2_vs_unpatched"] < 0.5
+    ssm = [t for t in run["tokens_per_step"] if t["mode"] == "ssm"]
+    assert ssm and all(t["attn"] < cfg["num_tokens"] for t in ssm)
+    assert "token grid 2x8x8" in printed
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert 0 < result["launches"]["ssm"]["per_block"] <= 8 and 0 < result["launches"]["idm"]["per_block"] <= 8
+    with pytest.raises(bench.BenchError, match="--frames is for video"):
+        bench.spec_from_args(argparse.Namespace(family="sd3", quick=True, size=None, latent=None, blocks=None,
+                                                width=None, frames=2), "cpu")
 
 
 def test_cli_dispatch_and_errors(tmp_path, capsys):

@@ -1,4 +1,5 @@
 """Model sizes and the FLOP model of the bench job (formulas in ``sdtm_kernels.bench``)."""
+import math
 import statistics
 from collections import defaultdict
 
@@ -23,6 +24,18 @@ def default_spec(family, device, quick=False):
         spec.update(in_channels=4, text_len=120, text_dim=4096 if torch.device(device).type == "cuda" else 256,
                     head_dim=72 if spec["width"] % 72 == 0 else spec["head_dim"])
     spec.update(family=family, mlp_ratio=4)
+    if family == "wan":  # Wan 2.1 1.3B at 480p / 81 frames on CUDA (21 latent frames of 60 x 104)
+        if torch.device(device).type == "cuda":
+            spec.update(layers=30, width=1536, head_dim=128, latent=(60, 104), frames=21, text_len=512,
+                        text_dim=4096, ffn_dim=8960, steps=50)
+            if quick:
+                spec.update(layers=8, latent=(30, 52), steps=20)
+        else:
+            spec.update(layers=2, width=128, head_dim=64, latent=16, frames=3, text_len=16, text_dim=64,
+                        ffn_dim=256, steps=12)
+            if quick:
+                spec.update(layers=2, latent=16, frames=2, steps=6)
+        spec.update(in_channels=16, patch=2, pooled_dim=0)
     return spec
 
 
@@ -31,23 +44,36 @@ SIZES = {
                        text_dim=4096, pooled_dim=2048),
     "pixart-alpha": dict(family="pixart", layers=28, width=1152, head_dim=72, in_channels=4, text_len=120,
                          text_dim=4096, pooled_dim=0),
+    "wan2.1-1.3b": dict(family="wan", layers=30, width=1536, head_dim=128, in_channels=16, text_len=512,
+                        text_dim=4096, pooled_dim=0, ffn_dim=8960, frames=21),
 }
 
 
 def make_spec(family, *, layers, width, latent, head_dim=64, patch=2, in_channels=16, text_len=77, text_dim=256,
-              pooled_dim=128, mlp_ratio=4, **_ignored):
+              pooled_dim=128, mlp_ratio=4, frames=None, ffn_dim=None, **_ignored):
+    """Sizes of a bench model. ``latent`` is the latent's side or ``(height, width)``; ``frames``
+    (video families) the latent frames (time patch 1): the grid is then ``(frames, H, W)``."""
     if width % head_dim:
         head_dim = 64 if width % 64 == 0 else 32
     if width % head_dim:
         raise BenchError(f"--width {width} must be a multiple of 32 (heads of 64 or 32 channels)")
-    if latent % patch:
+    height, side = (latent, latent) if isinstance(latent, int) else (int(latent[0]), int(latent[1]))
+    if height % patch or side % patch:
         raise BenchError(f"latent size {latent} must be a multiple of the patch size {patch}")
     if family == "dit":
         text_len = 0  # the package's DiT takes a pooled condition (adaLN), no text tokens
+    grid = (height // patch, side // patch) if frames is None else (int(frames), height // patch, side // patch)
+    noise_shape = (in_channels, height, side) if frames is None else (in_channels, int(frames), height, side)
     return dict(family=family, layers=int(layers), width=int(width), head_dim=int(head_dim), heads=width // head_dim,
-                latent=int(latent), patch=int(patch), grid=(latent // patch, latent // patch),
-                num_tokens=(latent // patch) ** 2, in_channels=int(in_channels), text_len=int(text_len),
-                text_dim=int(text_dim), pooled_dim=int(pooled_dim), mlp_ratio=int(mlp_ratio))
+                latent=latent if isinstance(latent, int) else (height, side), patch=int(patch), grid=grid,
+                num_tokens=math.prod(grid), noise_shape=noise_shape, in_channels=int(in_channels),
+                text_len=int(text_len), text_dim=int(text_dim), pooled_dim=int(pooled_dim), mlp_ratio=int(mlp_ratio),
+                ffn_dim=int(ffn_dim or mlp_ratio * width))
+
+
+def grid_text(spec) -> str:
+    """``64x64`` or ``21x30x52``: the token grid for logs and tables."""
+    return "x".join(str(g) for g in spec["grid"])
 
 
 def block_flops(spec, layer, attn=None, mlp=None, cross=None):
@@ -64,6 +90,10 @@ def block_flops(spec, layer, attn=None, mlp=None, cross=None):
         if not last:
             flops += 2 * t * c * c + 4 * r * t * c * c
         return flops
+    if family == "wan":  # self-attention, cross-attention to the prompt (query side merged), FFN of ffn_dim
+        f = spec["ffn_dim"]
+        return (8 * na * c * c + 4 * na * na * c + 4 * nx * c * c + 4 * t * c * c + 4 * nx * t * c
+                + 4 * nm * c * f)
     flops = 8 * na * c * c + 4 * na * na * c + 4 * r * nm * c * c
     if family == "pixart":
         flops += 4 * nx * c * c + 4 * t * c * c + 4 * nx * t * c

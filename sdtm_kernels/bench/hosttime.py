@@ -135,7 +135,7 @@ def tiny_spec(family, grid=4, width=32):
     base = default_spec(family, "cpu", quick=True)
     return make_spec(family, layers=2, width=width, head_dim=32, latent=grid * base["patch"], patch=base["patch"],
                      in_channels=base["in_channels"], text_len=min(base["text_len"], 4), text_dim=32,
-                     pooled_dim=32)
+                     pooled_dim=32, frames=2 if "frames" in base else None, ffn_dim=4 * width)
 
 
 def _capture_block_inputs(bench_model, block):
@@ -148,7 +148,7 @@ def _capture_block_inputs(bench_model, block):
 
     spec = bench_model.spec
     gen = torch.Generator().manual_seed(1)
-    noise = torch.randn(bench_model.model_batch, spec["in_channels"], spec["latent"], spec["latent"], generator=gen)
+    noise = torch.randn(bench_model.model_batch, *spec["noise_shape"], generator=gen)
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():

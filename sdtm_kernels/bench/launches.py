@@ -152,7 +152,7 @@ def merged_block_launches(bench_model, steps, preset="fast", backend="triton"):
 
     spec = bench_model.spec
     gen = torch.Generator().manual_seed(0)
-    latent = torch.randn(bench_model.model_batch, spec["in_channels"], spec["latent"], spec["latent"], generator=gen)
+    latent = torch.randn(bench_model.model_batch, *spec["noise_shape"], generator=gen)
     latent = latent.to(bench_model.device, bench_model.dtype)
 
     def timestep(step):

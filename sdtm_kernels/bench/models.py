@@ -1,4 +1,4 @@
-"""Random-weight transformers the bench job times (diffusers SD3 / PixArt, or the package's DiT)."""
+"""Random-weight transformers the bench job times (diffusers SD3 / PixArt / Wan, or the package's DiT)."""
 import contextlib
 
 import torch
@@ -19,7 +19,7 @@ def have_diffusers():
 class BenchModel:
     """A transformer with random weights and the inputs of one CFG call.
 
-    ``forward(latent [B, c, H, W], t [B])`` returns the velocity. ``patch(preset, backend,
+    ``forward(latent [B, c, H, W] or [B, c, F, H, W], t [B])`` returns the velocity. ``patch(preset, backend,
     steps)`` applies SDTM and returns the (timed) state; ``unpatch()`` removes it."""
 
     def __init__(self, spec, device, dtype, batch=1, seed=0):
@@ -57,6 +57,15 @@ class BenchModel:
                 in_channels=spec["in_channels"], out_channels=2 * spec["in_channels"], num_layers=spec["layers"],
                 sample_size=spec["latent"], patch_size=spec["patch"], cross_attention_dim=spec["width"],
                 caption_channels=d, use_additional_conditions=False)
+            self.cond = dict(encoder_hidden_states=torch.randn(self.model_batch, t, d, generator=gen, device="cpu"))
+        elif family == "wan":
+            import diffusers
+
+            self.model = diffusers.WanTransformer3DModel(
+                patch_size=(1, spec["patch"], spec["patch"]), num_attention_heads=spec["heads"],
+                attention_head_dim=spec["head_dim"], in_channels=spec["in_channels"], out_channels=spec["in_channels"],
+                text_dim=d, freq_dim=256, ffn_dim=spec["ffn_dim"], num_layers=spec["layers"],
+                rope_max_seq_len=1024)
             self.cond = dict(encoder_hidden_states=torch.randn(self.model_batch, t, d, generator=gen, device="cpu"))
         elif family == "dit":
             from ..small_dit import SmallDiT

@@ -16,29 +16,41 @@ from ..reference import schedule as ref_schedule
 FAMILIES_1024 = {"sd3": (64, 64, 1536), "flux": (64, 64, 3072)}
 
 
-def schedule_shapes(preset: str, num_steps: int, grid, channels: int, ratio_levels=3) -> dict:
-    """``{"counts": sorted distinct (sub-layers, M), "flop_bound": unpatched / SDTM FLOPs}``."""
-    config = make_config(preset, ratio_levels=ratio_levels, num_steps=num_steps)
+def schedule_rows(preset: str, num_steps: int, grid, channels: int, ratio_levels=3, **options) -> list:
+    """Per step ``(mode, rows)``: the rows the merged sub-layers see (``mode`` "ssm": attention and
+    MLP, "idm": the MLP; ``rows == N`` and mode "full" where the step runs exactly, including
+    stages ``min_saving`` skips). From the schedule alone, as ``SDTMState`` decides at run time."""
+    config = make_config(preset, ratio_levels=ratio_levels, num_steps=num_steps, **options)
     state = SDTMState(config)
     state.grid = tuple(grid)
     n, c = math.prod(grid), channels
-    base = total = 0
-    counts = set()
+    out = []
     for step in range(num_steps):
         state.step = step
         mode = state.step_mode()
-        base += block_flops(n, c)
         state.removal = state.n_remove(n) if mode in ("ssm", "idm") else 0
         if mode not in ("ssm", "idm") or (config.min_saving and state.block_saving(mode, n, c) < config.min_saving):
-            total += block_flops(n, c)
+            out.append(("full", n))
             continue
-        rows = n - ref_schedule.tokens_removed(mode, state.removal, state.grid, state.window)
+        out.append((mode, n - ref_schedule.tokens_removed(mode, state.removal, state.grid, state.window)))
+    return out
+
+
+def schedule_shapes(preset: str, num_steps: int, grid, channels: int, ratio_levels=3) -> dict:
+    """``{"counts": sorted distinct (sub-layers, M), "flop_bound": unpatched / SDTM FLOPs}``."""
+    n, c = math.prod(grid), channels
+    base = total = 0
+    counts = set()
+    for mode, rows in schedule_rows(preset, num_steps, grid, channels, ratio_levels):
+        base += block_flops(n, c)
         if mode == "ssm":
             total += block_flops(rows, c)
             counts.add(("attn+mlp", rows))
-        else:
+        elif mode == "idm":
             total += block_flops(n, c) - 16 * (n - rows) * c * c
             counts.add(("mlp", rows))
+        else:
+            total += block_flops(n, c)
     return {"counts": sorted(counts), "flop_bound": base / total}
 
 

@@ -5,7 +5,7 @@ import time
 import torch
 
 from .common import GUIDANCE, VAE_FACTOR, BenchError
-from .flops import default_spec, make_spec, schedule_flops, tokens_per_step
+from .flops import default_spec, grid_text, make_spec, schedule_flops, tokens_per_step
 from .models import BenchModel, have_diffusers
 from .report import device_name
 from .sanity import CpuShare, findings, repeat_spread
@@ -68,7 +68,7 @@ def stage_speedups(run, base_run):
 def spec_from_args(args, device):
     """``(model spec, steps)`` of the bench options in ``args`` (defaults for ``device``)."""
     family = args.family or ("sd3" if have_diffusers() else "dit")
-    if family in ("sd3", "pixart") and not have_diffusers():
+    if family != "dit" and not have_diffusers():
         raise BenchError(f"--family {family} needs diffusers (pip install diffusers); --family dit needs nothing")
     base = default_spec(family, device, quick=args.quick)
     if args.size is not None:
@@ -81,6 +81,10 @@ def spec_from_args(args, device):
         base["layers"] = args.blocks
     if args.width is not None:
         base["width"] = args.width
+    if getattr(args, "frames", None) is not None:
+        if "frames" not in base:
+            raise BenchError(f"--frames is for video families (wan); {family} generates images")
+        base["frames"] = args.frames
     return make_spec(**base), args.steps or base["steps"]
 
 
@@ -96,11 +100,11 @@ def run_suite(args, log=print):
                                              for p in args.presets for b in backends]
 
     log(f"SDTM bench: {family} {spec['layers']} blocks, C={spec['width']}, {spec['heads']} heads, "
-        f"latent {spec['latent']}x{spec['latent']} -> N={spec['num_tokens']} image + {spec['text_len']} text "
+        f"token grid {grid_text(spec)} -> N={spec['num_tokens']} image + {spec['text_len']} text "
         f"tokens, batch {2 * args.batch} (CFG), {steps} steps, {args.dtype}, on {device_name(device)}")
     bench_model = BenchModel(spec, device, dtype, batch=args.batch, seed=args.seed)
     gen = torch.Generator().manual_seed(args.seed + 1)
-    noise = torch.randn(args.batch, spec["in_channels"], spec["latent"], spec["latent"], generator=gen)
+    noise = torch.randn(args.batch, *spec["noise_shape"], generator=gen)
     noise = noise.to(device, dtype)
 
     warmup = args.warmup if args.warmup is not None else (1 if cuda else 0)
@@ -262,9 +266,12 @@ def launch_count(spec, bench_model, device, dtype, steps, args, log):
 
     model = bench_model
     if device.type != "cuda":
-        small = make_spec(spec["family"], layers=2, width=64, latent=2 * spec["patch"] * 8, patch=spec["patch"],
+        video = len(spec["grid"]) == 3  # 2 frames of 8 x 8 tokens; images 16 x 16
+        small = make_spec(spec["family"], layers=2, width=64, latent=spec["patch"] * (8 if video else 16),
+                          patch=spec["patch"],
                           in_channels=spec["in_channels"], text_len=min(spec["text_len"], 8),
-                          text_dim=spec["text_dim"], pooled_dim=spec["pooled_dim"])
+                          text_dim=spec["text_dim"], pooled_dim=spec["pooled_dim"],
+                          frames=2 if video else None, ffn_dim=128)
         model = BenchModel(small, device, dtype, batch=args.batch, seed=args.seed)
     log("counting the kernel launches SDTM adds per merged block (triton backend) ...")
     try:

@@ -96,7 +96,7 @@ def end_to_end_compiled(sizes, device, deadline, log):
     dtype = getattr(torch, args.dtype)
     bm = bench.BenchModel(spec, device, dtype, batch=args.batch, seed=args.seed)
     gen = torch.Generator().manual_seed(args.seed + 1)  # the same noise as run_suite
-    noise = torch.randn(args.batch, spec["in_channels"], spec["latent"], spec["latent"], generator=gen)
+    noise = torch.randn(args.batch, *spec["noise_shape"], generator=gen)
     noise = noise.to(device, dtype)
     runs = []
     for preset in (None, *sizes.e2e_compiled_presets):
