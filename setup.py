@@ -41,9 +41,9 @@ setup(
         # build tiny random models from configs; transformers, torchmetrics and matplotlib for the
         # quality command's end-to-end test (tiny text encoders, PSNR/SSIM, the plot).
         # diffusers >= 0.33: SDTM runs as diffusers hooks; peft and accelerate for the composition
-        # tests (LoRA adapters, model CPU offload).
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "diffusers>=0.33", "transformers>=4.40",
-                 "torchmetrics>=1.4", "matplotlib", "peft", "accelerate"],
+        # tests (LoRA adapters, model CPU offload); pytest-xdist runs the test files on every core.
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "pytest-xdist>=3", "diffusers>=0.33",
+                 "transformers>=4.40", "torchmetrics>=1.4", "matplotlib", "peft", "accelerate"],
         "bench": ["pytest-benchmark>=4", "matplotlib"],
         "diffusers": ["diffusers>=0.33", "transformers", "accelerate"],
         # python -m sdtm_kernels quality; no torchvision (LPIPS needs it, but PyPI's wheel can pull

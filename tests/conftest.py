@@ -9,6 +9,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# pytest-xdist: each worker gets its share of the cores (torch would start one thread per core in
+# every worker and the workers would fight over them).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # Reference fp32 matmuls follow the global TF32 switch; the kernels compute in full fp32.
