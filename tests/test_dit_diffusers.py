@@ -310,3 +310,22 @@ def test_flux_grid_from_img_ids_non_square_and_unknown_layout():
         out = call(800, shuffled)  # ids not in raster order: no merging, exact output
     assert state.grid is None and [r["mode"] for r in state.stats[-2:]] == ["exact", "exact"]
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+
+def test_unknown_model_lists_the_families_and_the_generic_path():
+    """A model without any block SDTM knows: a TypeError naming every supported family and the
+    generic path (describe_block / SDTMBlockWrapper)."""
+    from sdtm_kernels.dit.patch import SUPPORTED_FAMILIES
+
+    model = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                  block_out_channels=(8, 8), norm_num_groups=4,
+                                  down_block_types=("DownBlock2D", "DownBlock2D"),
+                                  up_block_types=("UpBlock2D", "UpBlock2D"))
+    with pytest.raises(TypeError) as error:
+        sk.apply_sdtm(model, num_steps=4)
+    message = str(error.value)
+    assert message.startswith("UNet2DModel has no block SDTM supports")
+    for family, classes in SUPPORTED_FAMILIES:
+        assert family in message and classes in message
+    assert "describe_block" in message and "SDTMBlockWrapper" in message
+    assert get_state(model) is None  # nothing was patched

@@ -377,3 +377,41 @@ def test_unsupported_options_and_processors():
         sk.apply_sdtm(model, num_steps=5)
     for a, b in zip(ref, run()):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+class FakeWan22Pipeline(FakeWanPipeline):
+    """Wan 2.2 A14B's loop: ``transformer`` for the high-noise steps, ``transformer_2`` after the
+    boundary (``WanPipeline``'s ``boundary_ratio``)."""
+
+    def __init__(self, transformer, call, transformer_2, call_2, boundary):
+        super().__init__(transformer, call)
+        self.transformer_2, self._call_2, self.boundary = transformer_2, call_2, boundary
+
+    def __call__(self, num_inference_steps=5):
+        self.scheduler.set_timesteps(num_inference_steps)
+        outs = []
+        for step, t in enumerate(self.scheduler.timesteps.tolist()):
+            outs.append((self._call if step < self.boundary else self._call_2)(t))
+            self.scheduler.step()
+        return outs
+
+
+def test_wan22_second_expert_is_patched_with_the_pipeline_steps():
+    high, run_high = build_wan("t2v", layers=1, seed=0)
+    low, run_low = build_wan("t2v", layers=1, seed=1)
+    pipe = FakeWan22Pipeline(high, run_high.call, low, run_low.call, boundary=2)
+    ref = pipe(num_inference_steps=5)
+    sk.apply_sdtm(pipe, ratio=0.5, deviation=0.1, switch_step=2, protect_steps=3)
+    assert sdtm_hooked(low) and sdtm_hooked(high)
+    out = pipe(num_inference_steps=5)
+    high_stats, low_stats = get_state(high).stats, get_state(low).stats
+    assert [(r["step"], r["mode"]) for r in high_stats] == [(0, "protected"), (1, "ssm")]
+    # the second expert counts the pipeline's steps (2, 3, 4), not from its own first call
+    assert [(r["step"], r["mode"]) for r in low_stats] == [(2, "ssm"), (3, "protected"), (4, "idm")]
+    assert get_state(low) is not get_state(high)  # own caches and li
+    assert all(torch.isfinite(o).all() for o in out)
+    torch.testing.assert_close(out[0], ref[0], rtol=0, atol=0)  # protected step
+    sk.remove_sdtm(pipe)
+    assert not sdtm_hooked(low) and not sdtm_hooked(high)
+    for a, b in zip(ref, pipe(num_inference_steps=5)):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)

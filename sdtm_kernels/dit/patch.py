@@ -306,11 +306,10 @@ _MISSING = object()
 
 def _pipeline_call(self, *args, **kwargs):
     original = type(self)._sdtm_original_class
-    transformer = _unwrap(getattr(self, "transformer", None))
-    hook = None if transformer is None else _transformer_hook(transformer)
-    if hook is None:
+    transformers = [_unwrap(getattr(self, "transformer", None))] + _other_transformers(self)
+    patched = [(t, h) for t in transformers if t is not None and (h := _transformer_hook(t)) is not None]
+    if not patched:
         return original.__call__(self, *args, **kwargs)
-    state = hook.state
     arguments = inspect.signature(original.__call__).bind(self, *args, **kwargs)
     arguments.apply_defaults()
     values = arguments.arguments
@@ -321,19 +320,24 @@ def _pipeline_call(self, *args, **kwargs):
             break
     if num_steps is None:
         num_steps = values.get("num_inference_steps")
-    if not hasattr(transformer, "_reset_stateful_cache"):
-        # no CacheMixin (SD3, PixArt): the pipeline never resets the cache hooks; start them with SDTM
-        registry = getattr(transformer, "_diffusers_hook", None)
-        if registry is not None:
-            registry.reset_stateful_hooks(recurse=True)
-    hook.pending_reset = False
-    state.reset(num_steps=num_steps if num_steps is not None else state.num_steps)
-    driver = _SchedulerSteps.attach(self)
-    previous, state.driver = state.driver, driver
+    driver = _SchedulerSteps.attach(self)  # one count of scheduler steps for every transformer
+    previous = []
+    for transformer, hook in patched:
+        if not hasattr(transformer, "_reset_stateful_cache"):
+            # no CacheMixin (SD3, PixArt): the pipeline never resets the cache hooks; start them with SDTM
+            registry = getattr(transformer, "_diffusers_hook", None)
+            if registry is not None:
+                registry.reset_stateful_hooks(recurse=True)
+        state = hook.state
+        hook.pending_reset = False
+        state.reset(num_steps=num_steps if num_steps is not None else state.num_steps)
+        previous.append((state, state.driver))
+        state.driver = driver
     try:
         return original.__call__(self, *args, **kwargs)
     finally:
-        state.driver = previous
+        for state, earlier in previous:
+            state.driver = earlier
         if driver is not None:
             driver.detach()
 
@@ -430,6 +434,9 @@ def apply_sdtm(pipe_or_model, *, preset=_UNSET, ratio=_UNSET, deviation=_UNSET, 
     the paper's options; they need joint attention (SD3, Flux) and raise ``ValueError`` for
     other models.
 
+    A pipeline's second transformer (``transformer_2``: Wan 2.2 A14B) is patched too, with its
+    own state on the pipeline's step indices (``get_state(pipe.transformer_2)``).
+
     Steps: a patched pipeline counts the scheduler steps each call really runs (img2img /
     inpainting ``strength``, Heun-type schedulers: one step per scheduler step); a bare
     transformer needs ``num_steps`` and counts a step per new timestep. Returns the pipeline
@@ -447,6 +454,24 @@ def apply_sdtm(pipe_or_model, *, preset=_UNSET, ratio=_UNSET, deviation=_UNSET, 
     assert set(given) == set(OPTION_NAMES)
     explicit = {name: value for name, value in given.items() if value is not _UNSET}
     pipe, model = _split(pipe_or_model)
+    others = _other_transformers(pipe)
+    _apply_model(model, pipe, preset, explicit, transformers=1 + len(others))
+    for other in others:  # Wan 2.2 A14B's second expert: its own state, the pipeline's step indices
+        _apply_model(other, pipe, preset, explicit, transformers=1 + len(others)).global_steps = True
+    if pipe is not None and getattr(type(pipe), "_sdtm_original_class", None) is None:
+        pipe.__class__ = _pipeline_subclass(type(pipe))
+    return pipe_or_model
+
+
+def _other_transformers(pipe):
+    """The transformers of a pipeline that take turns with ``pipe.transformer`` (Wan 2.2 A14B's
+    ``transformer_2`` for the low-noise steps); each gets its own state (caches, ``li``)."""
+    other = None if pipe is None else getattr(pipe, "transformer_2", None)
+    return [_unwrap(other)] if isinstance(other, torch.nn.Module) else []
+
+
+def _apply_model(model, pipe, preset, explicit, transformers=1):
+    """``apply_sdtm`` on one transformer; returns its state."""
     hook = _transformer_hook(model)
     state = None if hook is None else hook.state
     previous = getattr(state, "request", None)
@@ -498,10 +523,8 @@ def apply_sdtm(pipe_or_model, *, preset=_UNSET, ratio=_UNSET, deviation=_UNSET, 
             remove_sdtm(model)
         raise
     hooks.invalidate_tree(model)
-    reserve_recompiles(config, len({type(block) for block, _ in blocks}))
-    if pipe is not None and getattr(type(pipe), "_sdtm_original_class", None) is None:
-        pipe.__class__ = _pipeline_subclass(type(pipe))
-    return pipe_or_model
+    reserve_recompiles(config, len({type(block) for block, _ in blocks}) * transformers)
+    return state
 
 
 def graphs_per_block(config) -> int:
@@ -560,6 +583,8 @@ def remove_sdtm(pipe_or_model):
         original = getattr(type(pipe), "_sdtm_original_class", None)
         if original is not None:
             pipe.__class__ = original
+        for other in _other_transformers(pipe):
+            remove_sdtm(other)
     if not any(getattr(getattr(m, "_diffusers_hook", None), "hooks", {}).get("sdtm") is not None
                or "_sdtm_state" in vars(m) for m in model.modules()):
         return pipe_or_model

@@ -110,6 +110,9 @@ class SDTMState:
         self.num_steps = num_steps if num_steps is not None else config.num_steps
         self.request = None  # apply_sdtm: (preset, explicit options) this config was made from
         self.driver = None  # patched pipeline call: counts the scheduler's steps (see the module doc)
+        # a pipeline's second transformer (Wan 2.2 transformer_2): its steps are the pipeline's own
+        # scheduler-step indices, not counted from its first call
+        self.global_steps = False
         self.slots = []  # BlockSlot per layer (patch.py gives block l the slot slots[l])
         self._warned = set()
         self._li_buffers = {}  # call index -> static int32 [B, N] li buffer (kept across generations)
@@ -286,7 +289,7 @@ class SDTMState:
         The timestep is read on the host only for a second call with no scheduler step between."""
         evals = driver.evals
         if self.step < 0:
-            self._evals0 = evals
+            self._evals0 = 0 if self.global_steps else evals
         step = (evals - self._evals0) // driver.order
         if self.step >= 0 and step == self.step:
             if evals == self._last_evals and timestep_value(timestep) != self.last_timestep:
@@ -518,7 +521,7 @@ class SDTMState:
     def __getstate__(self):
         return {"config": self.config, "num_layers": self.num_layers, "num_steps": self.num_steps,
                 "request": self.request, "keep_plans": self.keep_plans, "_warned": set(self._warned),
-                "slots": self.slots}
+                "slots": self.slots, "global_steps": self.global_steps}
 
     def __setstate__(self, values):
         keep_plans = values.pop("keep_plans", False)
