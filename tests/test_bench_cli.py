@@ -103,20 +103,26 @@ def test_bench_own_dit_without_diffusers(tmp_path):
     assert seq["runs"][1]["tokens_per_step"] == run["tokens_per_step"]
 
 
-def test_bench_video_family(tmp_path):
-    """``--family wan``: a 3-D token grid (frames x H x W) through the whole main job."""
+@pytest.mark.parametrize("family,grid", [("wan", [2, 8, 8]), ("hunyuan", [2, 8, 8]), ("qwen", [8, 8])])
+def test_bench_more_families(tmp_path, family, grid):
+    """``--family wan / hunyuan`` (a 3-D token grid, frames x H x W) and ``qwen`` (latents packed
+    2 x 2 into tokens) through the whole main job."""
     pytest.importorskip("diffusers")
-    result, _, printed = _run(tmp_path, "--family", "wan", "--frames", "2", "--latent", "16", "--presets", "fast",
+    frames = ["--frames", "2"] if len(grid) == 3 else []
+    result, _, printed = _run(tmp_path, "--family", family, *frames, "--latent", "16", "--presets", "fast",
                               "--no-host-time")
     cfg = result["config"]
-    assert cfg["family"] == "wan" and cfg["grid"] == [2, 8, 8] and cfg["num_tokens"] == 2 * 8 * 8
+    assert cfg["family"] == family and cfg["grid"] == grid and cfg["num_tokens"] == math.prod(grid)
     run = result["runs"][1]
     assert run["flop_bound_speedup"] > 1.0 and 0 < run["rel_l2_vs_unpatched"] < 0.5
     ssm = [t for t in run["tokens_per_step"] if t["mode"] == "ssm"]
     assert ssm and all(t["attn"] < cfg["num_tokens"] for t in ssm)
-    assert "token grid 2x8x8" in printed
+    assert f"token grid {'x'.join(map(str, grid))}" in printed
     if os.environ.get("TRITON_INTERPRET") == "1":
-        assert 0 < result["launches"]["ssm"]["per_block"] <= 8 and 0 < result["launches"]["idm"]["per_block"] <= 8
+        launches = result["launches"]
+        assert 0 < launches["ssm"]["per_block"] and 0 < launches["idm"]["per_block"]
+        if family == "wan":  # within the budget (HunyuanVideo's single blocks are not yet: README status)
+            assert launches["ssm"]["per_block"] <= 8 and launches["idm"]["per_block"] <= 8
     with pytest.raises(bench.BenchError, match="--frames is for video"):
         bench.spec_from_args(argparse.Namespace(family="sd3", quick=True, size=None, latent=None, blocks=None,
                                                 width=None, frames=2), "cpu")

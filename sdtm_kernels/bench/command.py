@@ -34,10 +34,11 @@ def add_arguments(parser):
     parser.add_argument("--latent", type=int, default=None, help="latent size instead of --size")
     parser.add_argument("--blocks", type=int, default=None, help="number of transformer blocks")
     parser.add_argument("--width", type=int, default=None, help="hidden size C (heads of 64 channels)")
-    parser.add_argument("--family", choices=["sd3", "pixart", "wan", "dit"], default=None,
-                        help="model: diffusers SD3 (default when diffusers is installed), PixArt or Wan 2.1 "
-                             "(video: 1.3B at 480p / 81 frames on CUDA), or the package's own DiT")
-    parser.add_argument("--frames", type=int, default=None, help="latent frames of a video family (wan)")
+    parser.add_argument("--family", choices=["sd3", "pixart", "qwen", "wan", "hunyuan", "dit"], default=None,
+                        help="model: diffusers SD3 (default when diffusers is installed), PixArt, Qwen-Image, Wan 2.1 "
+                             "(video: 1.3B at 480p / 81 frames on CUDA) or HunyuanVideo (720p / 129 frames on "
+                             "CUDA), or the package's own DiT")
+    parser.add_argument("--frames", type=int, default=None, help="latent frames of a video family (wan, hunyuan)")
     parser.add_argument("--batch", type=int, default=1, help="images per call (the model sees 2x for CFG)")
     parser.add_argument("--presets", nargs="+", choices=sorted(PRESETS_RUN), default=list(PRESETS_RUN))
     parser.add_argument("--warmup", type=int, default=None, help="untimed schedules per run (default 1 on CUDA)")

@@ -36,6 +36,21 @@ def default_spec(family, device, quick=False):
             if quick:
                 spec.update(layers=2, latent=16, frames=2, steps=6)
         spec.update(in_channels=16, patch=2, pooled_dim=0)
+    if family == "qwen":  # Qwen-Image at 1328² on CUDA (60 blocks of C = 3072)
+        if torch.device(device).type == "cuda":
+            spec.update(layers=60 if not quick else 8, width=3072, head_dim=128, latent=166 if not quick else 128,
+                        text_len=256, text_dim=3584, steps=50 if not quick else 20)
+        spec.update(in_channels=16, patch=2, pooled_dim=0)
+    if family == "hunyuan":  # HunyuanVideo 720p / 129 frames on CUDA (20 double + 40 single blocks)
+        if torch.device(device).type == "cuda":
+            spec.update(layers=60, width=3072, head_dim=128, latent=(90, 160), frames=33, text_len=256,
+                        text_dim=4096, pooled_dim=768, steps=50)
+            if quick:
+                spec.update(layers=8, latent=(45, 80), frames=9, steps=20)
+        else:
+            spec.update(layers=2, width=128, head_dim=64, latent=16, frames=2 if quick else 3, text_len=16,
+                        text_dim=64, pooled_dim=32, steps=6 if quick else 12)
+        spec.update(in_channels=16, patch=2)
     return spec
 
 
@@ -90,6 +105,8 @@ def block_flops(spec, layer, attn=None, mlp=None, cross=None):
         if not last:
             flops += 2 * t * c * c + 4 * r * t * c * c
         return flops
+    if family in ("qwen", "hunyuan"):  # text joins the attention; the prompt's MLP runs at full length
+        return 8 * (na + t) * c * c + 4 * (na + t) ** 2 * c + 4 * (nm + t) * c * spec["ffn_dim"]
     if family == "wan":  # self-attention, cross-attention to the prompt (query side merged), FFN of ffn_dim
         f = spec["ffn_dim"]
         return (8 * na * c * c + 4 * na * na * c + 4 * nx * c * c + 4 * t * c * c + 4 * nx * t * c

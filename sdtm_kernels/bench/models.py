@@ -67,6 +67,30 @@ class BenchModel:
                 text_dim=d, freq_dim=256, ffn_dim=spec["ffn_dim"], num_layers=spec["layers"],
                 rope_max_seq_len=1024)
             self.cond = dict(encoder_hidden_states=torch.randn(self.model_batch, t, d, generator=gen, device="cpu"))
+        elif family == "qwen":  # latents packed 2 x 2 into tokens (QwenImagePipeline._pack_latents)
+            import diffusers
+
+            head = spec["head_dim"]
+            self.model = diffusers.QwenImageTransformer2DModel(
+                patch_size=2, in_channels=4 * spec["in_channels"], out_channels=spec["in_channels"],
+                num_layers=spec["layers"], attention_head_dim=head, num_attention_heads=spec["heads"],
+                joint_attention_dim=d, axes_dims_rope=(head - 2 * (3 * head // 8), 3 * head // 8, 3 * head // 8))
+            self.cond = dict(encoder_hidden_states=torch.randn(self.model_batch, t, d, generator=gen, device="cpu"),
+                             encoder_hidden_states_mask=torch.ones(self.model_batch, t))
+        elif family == "hunyuan":
+            import diffusers
+
+            head = spec["head_dim"]
+            self.model = diffusers.HunyuanVideoTransformer3DModel(
+                in_channels=spec["in_channels"], out_channels=spec["in_channels"], num_attention_heads=spec["heads"],
+                attention_head_dim=head, num_layers=spec["layers"] // 2, num_single_layers=spec["layers"] - spec["layers"] // 2,
+                num_refiner_layers=1, patch_size=spec["patch"], patch_size_t=1, text_embed_dim=d,
+                pooled_projection_dim=spec["pooled_dim"], rope_axes_dim=(head // 4, 3 * head // 8, 3 * head // 8))
+            self.cond = dict(encoder_hidden_states=torch.randn(self.model_batch, t, d, generator=gen, device="cpu"),
+                             encoder_attention_mask=torch.ones(self.model_batch, t),
+                             pooled_projections=torch.randn(self.model_batch, spec["pooled_dim"], generator=gen,
+                                                            device="cpu"),
+                             guidance=torch.full((self.model_batch,), 6000.0))
         elif family == "dit":
             from ..small_dit import SmallDiT
 
@@ -81,10 +105,21 @@ class BenchModel:
     def forward(self, latent, t):
         if self.spec["family"] == "dit":
             return self.model(latent, t, **self.cond)
+        if self.spec["family"] == "qwen":
+            return self._forward_packed(latent, t)
         out = self.model(hidden_states=latent, timestep=t, return_dict=False, **self.cond)[0]
         if self.spec["family"] == "pixart":
             out = out.chunk(2, dim=1)[0]  # learned-sigma models: the first half is the prediction
         return out
+
+    def _forward_packed(self, latent, t):
+        """Qwen-Image: ``[B, c, H, W]`` -> 2 x 2 patches as tokens -> the model -> back."""
+        b, c, h, w = latent.shape
+        packed = latent.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, 4 * c)
+        out = self.model(hidden_states=packed, timestep=t / 1000, img_shapes=[[(1, h // 2, w // 2)]] * b,
+                         return_dict=False, **self.cond)[0]
+        # [B, N, 4c] -> [B, c, H, W] (QwenImagePipeline._unpack_latents)
+        return out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
     def patch(self, preset, backend, steps):
         self.unpatch()
