@@ -1,5 +1,6 @@
 """Worker of tests/test_context_parallel.py: diffusers' context parallelism on 2 CPU processes
-over gloo, with and without SDTM, and the single-process runs they are compared with.
+over gloo for Flux.1, Wan, Qwen-Image and Flux.2, with and without SDTM, and the single-process
+runs they are compared with.
 
 ``python tests/cp_worker.py OUT_DIR`` runs rank 0 and spawns rank 1 (no torchrun: the rendezvous
 is set in the environment); each writes ``OUT_DIR/rank{r}.pt``: ``{scenario: {"outputs", "stats", "collectives",
@@ -198,6 +199,119 @@ def single_process(**options):
     return result
 
 
+# -- the families added after Flux.1: Wan, Qwen-Image, Flux.2 ----------------------------------------
+# Tiny random models from the family test files, on grids whose 2-rank slabs merge at SSM and IDM
+# steps. diffusers' plans split Flux.2 at the transformer's inputs (the hook reads the rank's slab
+# from its img_ids rows) and Wan / Qwen-Image at their first block (the hook cuts the global grid).
+FAMILY_SDTM = dict(num_steps=5, ratio=0.5, deviation=0.1, protect_steps=3, switch_step=0.4)
+FAMILY_GRIDS = {"wan": (4, 8, 8), "qwen_image": (16, 16), "flux2": (16, 16)}  # tokens; 2 x 8 x 8 / 8 x 16 per rank
+FAMILIES = tuple(FAMILY_GRIDS)
+FAMILY_TEXT = 6  # prompt tokens: Qwen-Image and Flux.2 split them over the ranks
+# inputs the plans split besides the sequence, merged as one process with shards=2: (family, grid, builder options)
+VARIANTS = {
+    # per-token timesteps ([B, N], split by Wan's plan), the first frame at 0: rank 0 holds only that frame
+    "wan_ti2v_image": ("wan", (2, 16, 16), {"kind": "ti2v-image"}),
+    "wan_i2v": ("wan", None, {"kind": "i2v"}),  # image-context keys in the (unsplit) cross-attention
+    "qwen_image_mask": ("qwen_image", None, {"mask": True}),  # the text mask, split at every block
+}
+# calls SDTM cannot merge under 2 ranks (warned, run exactly): (family, grid, builder options)
+UNMERGEABLE = {
+    "wan_odd_frames": ("wan", (3, 8, 8), {}),  # 3 latent frames: no 2 equal slabs of whole frames
+    "qwen_image_reference": ("qwen_image", None, {"references": [(4, 8)]}),  # [generated, reference] split
+    "flux2_reference": ("flux2", None, {"references": [(4, 8)]}),  # rank 1: generated rows and the reference
+    "flux2_reference_only": ("flux2", None, {"references": [(16, 16)]}),  # rank 1: the reference alone
+}
+
+
+def family(name, grid=None, **options):
+    """``(model, call(t) -> output, timesteps)`` of a tiny ``name`` transformer on ``grid`` (tokens;
+    ``FAMILY_GRIDS`` by default); ``options`` go to the family's test builder."""
+    grid = grid or FAMILY_GRIDS[name]
+    if name == "wan":
+        from test_dit_wan import TIMESTEPS, build_wan
+
+        frames, height, width = grid
+        model, run = build_wan(frames=frames, height=2 * height, width=2 * width, **options)  # patch (1, 2, 2)
+        return model, run.call, TIMESTEPS
+    if name == "qwen_image":
+        from test_dit_qwen_image import TIMESTEPS, build_qwen
+
+        model, run = build_qwen(grid=grid, text_len=FAMILY_TEXT, **options)
+        return model, lambda t: run([t])[0], TIMESTEPS
+    from test_dit_flux2 import TIMESTEPS, build_flux2
+
+    model, run = build_flux2(*grid, text_len=FAMILY_TEXT, **options)
+    batch = run.inputs["hidden_states"].shape[0]
+    # [B, S, 4] ids: diffusers' Flux.2 plan splits img_ids / txt_ids only as 3-D tensors (expected_dims=3)
+    ids = {key: run.inputs[key].unsqueeze(0).expand(batch, -1, -1) for key in ("img_ids", "txt_ids")}
+    return model, lambda t: run([t], **ids)[0], TIMESTEPS
+
+
+def family_generation(model, call, timesteps):
+    """The output, collectives (``(kind, numel)``) and SDTM warnings of one call per timestep;
+    ``row``: the elements an attention all-to-all moves per token (batch * heads * head_dim)."""
+    outputs, collectives = [], []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in timesteps:
+            RECORD.clear()
+            outputs.append(call(t).clone())
+            collectives.append([(kind, torch.Size(shape).numel()) for kind, shape in RECORD])
+    messages = sorted({str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)
+                       and "SDTM" in str(w.message)})
+    row = outputs[0].shape[0] * model.config.num_attention_heads * model.config.attention_head_dim
+    return {"outputs": outputs, "stats": stats(model), "collectives": collectives, "warnings": messages, "row": row}
+
+
+def family_single(name, grid=None, builder=None, **options):
+    """One process; ``options``: SDTM's (none: the model as diffusers runs it)."""
+    import sdtm_kernels as sk
+
+    model, call, timesteps = family(name, grid, **(builder or {}))
+    if options:
+        sk.apply_sdtm(model, **{**FAMILY_SDTM, **options})
+    return family_generation(model, call, timesteps)
+
+
+def family_parallel(name, order=None, attention="ulysses", grid=None, builder=None, **options):
+    """``name`` under context parallelism, SDTM applied "before" / "after" enable_parallelism (None: no SDTM)."""
+    import sdtm_kernels as sk
+
+    model, call, timesteps = family(name, grid, **(builder or {}))
+    # set_attention_backend also sets diffusers' global default: name the backend of every run
+    model.set_attention_backend("_native_flash" if attention == "ring" else "native")
+    if order == "before":
+        sk.apply_sdtm(model, **{**FAMILY_SDTM, **options})
+    model.enable_parallelism(config=cp_config(attention))
+    if order == "after":
+        sk.apply_sdtm(model, **{**FAMILY_SDTM, **options})
+    return family_generation(model, call, timesteps)
+
+
+def agreement_cases(rank):
+    """``parallel.agree`` on hand-made per-rank grids and Flux.2 ids (t, h, w, l): what each rank
+    keeps. ``slabs``: rows 0-3 / 4-7 of one image; ``restart``: rank 1's rows start again at 0
+    (a second image, t = 0); ``reference``: rank 1 holds a t = 10 image; ``one_none``: rank 1 read no grid;
+    ``flux1_*``: the same with Flux.1's 2-D ids."""
+    from sdtm_kernels.dit import parallel
+
+    def ids(t, first_row, flux1=False):  # Flux.1: [N, 3] (t, h, w); Flux.2: [B, N, 4] (t, h, w, l)
+        axes = [torch.tensor([t]), torch.arange(first_row, first_row + 4), torch.arange(6)]
+        return torch.cartesian_prod(*axes) if flux1 else torch.cartesian_prod(*axes, torch.arange(1)).unsqueeze(0)
+
+    context = parallel.ContextParallel(degree=DEGREE, ring_degree=1, ulysses_degree=DEGREE, root_split=True,
+                                       uneven=False, mesh=MESH[0])
+    cases = {"slabs": ((4, 6), ids(0, 4 * rank)), "restart": ((4, 6), ids(0, 0)),
+             "reference": ((4, 6), ids(10 * rank, 0)), "one_none": ((4, 6) if rank == 0 else None, ids(0, 4 * rank)),
+             "flux1_slabs": ((4, 6), ids(0, 4 * rank, flux1=True)),
+             "flux1_reference": ((4, 6), ids(rank, 0, flux1=True))}  # Flux.1 Kontext: the reference at t = 1
+    return {name: parallel.agree(grid, None, context, {"img_ids": img_ids}, "cpu")
+            for name, (grid, img_ids) in cases.items()}
+
+
+MESH = []  # the 2-rank device mesh, set by run_rank
+
+
 def run_rank(rank, out_dir, port):
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(DEGREE))
@@ -205,6 +319,7 @@ def run_rank(rank, out_dir, port):
     warnings.filterwarnings("ignore", category=UserWarning)  # funcol's "not yet awaited" notes
     import diffusers.models.attention_dispatch as attention_dispatch
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
 
     results = {}
     if rank == 0:  # the single-process references, split over the two processes
@@ -212,6 +327,16 @@ def run_rank(rank, out_dir, port):
     else:
         results["single_shards2"] = single_process(shards=DEGREE)
         results["single_shards1"] = single_process(shards=1)
+    for name in FAMILIES:  # split so that both processes reach the process group at about the same time
+        if rank == 0:
+            results[f"{name}_single_shards2"] = family_single(name, shards=DEGREE)
+        else:
+            results[f"{name}_single_plain"] = family_single(name)
+            results[f"{name}_single_shards1"] = family_single(name, shards=1)
+    for case in UNMERGEABLE if rank == 0 else ():
+        results[f"{case}_single_plain"] = family_single(*UNMERGEABLE[case])
+    for case in VARIANTS if rank == 1 else ():
+        results[f"{case}_single_shards2"] = family_single(*VARIANTS[case], shards=DEGREE)
     torch.accelerator.device_count = lambda: 1  # diffusers: device = rank % device_count
     attention_dispatch._native_flash_attention_forward_op = _cpu_flash_forward_op
     _count_collectives()
@@ -224,6 +349,16 @@ def run_rank(rank, out_dir, port):
         results["ring_plain"] = parallel_run("ring")
         results["ring_after"] = parallel_run("ring", "after")
         results["ring_before"] = parallel_run("ring", "before")
+        for name in FAMILIES:
+            results[f"{name}_plain"] = family_parallel(name)
+            results[f"{name}_after"] = family_parallel(name, "after")
+            results[f"{name}_before"] = family_parallel(name, "before")
+            results[f"{name}_ring_after"] = family_parallel(name, "after", "ring")
+            results[f"{name}_ratio0"] = family_parallel(name, "after", ratio=0.0)
+        for case, (name, grid, builder) in {**VARIANTS, **UNMERGEABLE}.items():
+            results[case] = family_parallel(name, "after", grid=grid, builder=builder)
+        MESH.append(init_device_mesh("cpu", (DEGREE,)))
+        results["agreement"] = agreement_cases(rank)
         results["refuse_sd3_after"] = refusal(lambda: refuse_sd3("after"))
         results["refuse_sd3_before"] = refusal(lambda: refuse_sd3("before"))
         results["refuse_reweight"] = refusal(lambda: refuse_flux(prompt_reweight=True))

@@ -1,6 +1,8 @@
 """SDTM under diffusers' context parallelism (docs/PARALLEL.md): 2 CPU processes over gloo
-(``tests/cp_worker.py``, one run for the whole file), the ``shards`` rule on one process, the
-rank-consistency of the slab rule, and the byte count of ``sdtm_kernels.bench.parallel``."""
+(``tests/cp_worker.py``, one run for the whole file) for Flux.1, Wan, Qwen-Image and Flux.2, the
+``shards`` rule on one process, the rank-consistency of the slab rule, and the byte count of
+``sdtm_kernels.bench.parallel``."""
+import math
 import os
 import subprocess
 import sys
@@ -25,6 +27,8 @@ P = worker.DEGREE
 LOCAL_TEXT = worker.TEXT // P
 SDTM_RUNS = ("ulysses_after", "ulysses_before", "ring_after", "ring_before")
 SCHEDULE = {name: value for name, value in worker.SDTM.items() if name != "num_steps"}
+FAMILY_RUNS = ("after", "before", "ring_after")  # Ulysses (SDTM after / before enable_parallelism), Ring
+LOCAL_FAMILY_TEXT = {"wan": 0, "qwen_image": worker.FAMILY_TEXT // P, "flux2": worker.FAMILY_TEXT // P}
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +135,105 @@ def test_collectives_match_the_byte_count(ranks, attention):
     assert any(r["bytes"] < r["bytes_exact"] for r in counted)
 
 
+# -- Wan, Qwen-Image, Flux.2 on 2 processes -----------------------------------------------------------
+@pytest.mark.parametrize("family", worker.FAMILIES)
+def test_family_cp_sdtm_equals_one_process_planning_in_shards(ranks, family):
+    """Wan and Qwen-Image (split at the first block: the global grid cut in slabs) and Flux.2 (split
+    at its inputs: the slab read from the rank's img_ids): every step's output under Ulysses (SDTM
+    applied after or before enable_parallelism) and Ring equals one process with shards=2."""
+    sharded, plain = reference(ranks, f"{family}_single_shards2"), reference(ranks, f"{family}_single_plain")
+    for name in FAMILY_RUNS:
+        for rank in ranks:
+            run = rank[f"{family}_{name}"]
+            assert max_diff(run["outputs"], sharded["outputs"]) < 1e-5, name
+            assert max_diff(run["outputs"], plain["outputs"]) > 1e-3, name  # it merged
+            assert run["warnings"] == [], name
+    assert max_diff(reference(ranks, f"{family}_single_shards1")["outputs"], sharded["outputs"]) > 1e-3
+
+
+@pytest.mark.parametrize("family", worker.FAMILIES)
+def test_family_ranks_merge_the_same_counts_below_their_slab(ranks, family):
+    """Each rank keeps half the rows one process keeps with shards=2, the same on both ranks, fewer
+    than its slab's tokens (SSM: attention and MLP; IDM: the MLP); Ulysses' all-to-alls (q, k, v and
+    out of every layer) moved exactly the merged rows and the rank's prompt tokens."""
+    expected = [(step, layer, mode, attn // P, mlp // P)
+                for step, layer, mode, attn, mlp in reference(ranks, f"{family}_single_shards2")["stats"]]
+    for name in FAMILY_RUNS:
+        assert ranks[0][f"{family}_{name}"]["stats"] == ranks[1][f"{family}_{name}"]["stats"] == expected, name
+    local = math.prod(worker.FAMILY_GRIDS[family]) // P
+    modes = {(mode, attn < local, mlp < local) for _, _, mode, attn, mlp in expected}
+    assert modes == {("protected", False, False), ("ssm", True, True), ("idm", False, True)}
+    for rank in ranks:
+        for step, calls in enumerate(rank[f"{family}_after"]["collectives"]):
+            row = rank[f"{family}_after"]["row"]
+            rows = sorted(numel // row for kind, numel in calls if kind == "all_to_all")
+            attention = [attn + LOCAL_FAMILY_TEXT[family] for s, _, _, attn, _ in expected if s == step]
+            assert rows == sorted(attention * 4), step
+
+
+@pytest.mark.parametrize("family", worker.FAMILIES)
+def test_family_ratio_zero_equals_cp_without_sdtm(ranks, family):
+    plain = reference(ranks, f"{family}_single_plain")
+    for rank in ranks:
+        assert max_diff(rank[f"{family}_ratio0"]["outputs"], rank[f"{family}_plain"]["outputs"]) < 1e-6
+        assert max_diff(rank[f"{family}_plain"]["outputs"], plain["outputs"]) < 1e-5  # diffusers' CP itself
+
+
+@pytest.mark.parametrize("case", worker.VARIANTS)
+def test_family_variants_under_cp_equal_one_process_planning_in_shards(ranks, case):
+    """Wan 2.2 TI2V with a conditioned first frame: the plan splits the per-token timestep, and
+    rank 0 holds that frame alone (timestep 0 at every step); the ranks count steps by the largest
+    timestep of all ranks (before that, rank 0 counted one long protected step while rank 1 merged:
+    a collective size mismatch). Wan 2.1 I2V (image-context keys). Qwen-Image with a padded text
+    mask (split at every block)."""
+    name, grid, _ = worker.VARIANTS[case]
+    sharded = reference(ranks, f"{case}_single_shards2")
+    expected = [(step, layer, mode, attn // P, mlp // P) for step, layer, mode, attn, mlp in sharded["stats"]]
+    assert ranks[0][case]["stats"] == ranks[1][case]["stats"] == expected
+    local = math.prod(grid or worker.FAMILY_GRIDS[name]) // P
+    assert {(mode, attn < local) for _, _, mode, attn, _ in expected} >= {("ssm", True), ("protected", False)}
+    for rank in ranks:
+        assert max_diff(rank[case]["outputs"], sharded["outputs"]) < 1e-5
+        assert rank[case]["warnings"] == []
+
+
+@pytest.mark.parametrize("case, rank0, rank1", [
+    ("wan_odd_frames", "(3, 8, 8) cannot be cut into 2 slabs", "(3, 8, 8) cannot be cut into 2 slabs"),
+    ("qwen_image_reference", "holds 288 image tokens, of which the token grid (16, 16) covers 256",
+     "holds 288 image tokens, of which the token grid (16, 16) covers 256"),
+    # rank 0 holds generated rows only and would merge them: the ranks' agreement stops it
+    ("flux2_reference", "not the equal, consecutive slabs of one token grid", "(7, 16) cannot be cut into 2 slabs"),
+    # each rank holds one whole image (generated / reference) of the same shape
+    ("flux2_reference_only", "not the equal, consecutive slabs of one token grid",
+     "not the equal, consecutive slabs of one token grid")])
+def test_family_calls_sdtm_cannot_merge_under_cp_warn_and_run_exactly(ranks, case, rank0, rank1):
+    """Wan with 3 latent frames (no 2 slabs of whole frames); Qwen-Image and Flux.2 with a reference
+    image (diffusers splits [generated, reference] tokens together, so a rank's chunk is no slab of
+    the generated grid; before the ranks' agreement, Flux.2 crashed gloo with a collective size
+    mismatch, or merged the reference tokens): one warning per rank, every block exact on both
+    ranks, the output of one process without SDTM."""
+    plain = reference(ranks, f"{case}_single_plain")
+    for rank, match in zip(ranks, (rank0, rank1)):
+        run = rank[case]
+        assert len(run["warnings"]) == 1 and match in run["warnings"][0], run["warnings"]
+        assert {mode for _, _, mode, _, _ in run["stats"]} == {"exact"}
+        assert max_diff(run["outputs"], plain["outputs"]) < 1e-5
+    assert ranks[0][case]["stats"] == ranks[1][case]["stats"]
+
+
+def test_ranks_agree_on_slabs_of_one_image(ranks):
+    """``parallel.agree`` over the 2 processes: a grid survives only as consecutive slabs of one
+    image (same t, rank 1's rows after rank 0's) read on every rank; otherwise no rank keeps it."""
+    unlike = "not the equal, consecutive slabs of one token grid"
+    for rank in ranks:
+        cases = rank["agreement"]
+        assert cases["slabs"] == cases["flux1_slabs"] == ((4, 6), None)
+        for name in ("restart", "reference", "flux1_reference"):
+            assert cases[name][0] is None and unlike in cases[name][1], name
+    assert ranks[0]["agreement"]["one_none"][0] is None and unlike in ranks[0]["agreement"]["one_none"][1]
+    assert ranks[1]["agreement"]["one_none"] == (None, None)  # its own reason (here none given)
+
+
 # -- one process -----------------------------------------------------------------------------------
 def test_pixart_refuses_context_parallelism():
     """No diffusers CP plan: SDTMError from the check ``apply_sdtm`` and every generation's first
@@ -233,6 +336,8 @@ def test_global_grids_are_cut_along_their_first_axis():
     assert local_grid((16, 16), context, 256) == ((8, 16), None)
     grid, reason = local_grid((3, 6, 8), context, None)
     assert grid is None and "cannot be cut into 2 slabs" in reason
+    grid, reason = local_grid((16, 16), context, 288)  # + a 4 x 8 reference image (Qwen-Image edit)
+    assert grid is None and "holds 288 image tokens, of which the token grid (16, 16) covers 256" in reason
 
 
 def test_byte_count_rules():

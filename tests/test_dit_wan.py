@@ -409,6 +409,9 @@ def test_wan22_second_expert_is_patched_with_the_pipeline_steps():
     # the second expert counts the pipeline's steps (2, 3, 4), not from its own first call
     assert [(r["step"], r["mode"]) for r in low_stats] == [(2, "ssm"), (3, "protected"), (4, "idm")]
     assert get_state(low) is not get_state(high)  # own caches and li
+    reset_sdtm(pipe, num_steps=5)  # a new generation for both experts
+    assert get_state(low).stats == [] and get_state(high).stats == []
+    out = pipe(num_inference_steps=5)
     assert all(torch.isfinite(o).all() for o in out)
     torch.testing.assert_close(out[0], ref[0], rtol=0, atol=0)  # protected step
     sk.remove_sdtm(pipe)

@@ -83,7 +83,8 @@ class BenchModel:
             head = spec["head_dim"]
             self.model = diffusers.HunyuanVideoTransformer3DModel(
                 in_channels=spec["in_channels"], out_channels=spec["in_channels"], num_attention_heads=spec["heads"],
-                attention_head_dim=head, num_layers=spec["layers"] // 2, num_single_layers=spec["layers"] - spec["layers"] // 2,
+                attention_head_dim=head, num_layers=max(1, spec["layers"] // 3),  # 20 double + 40 single
+                num_single_layers=spec["layers"] - max(1, spec["layers"] // 3),
                 num_refiner_layers=1, patch_size=spec["patch"], patch_size_t=1, text_embed_dim=d,
                 pooled_projection_dim=spec["pooled_dim"], rope_axes_dim=(head // 4, 3 * head // 8, 3 * head // 8))
             self.cond = dict(encoder_hidden_states=torch.randn(self.model_batch, t, d, generator=gen, device="cpu"),

@@ -83,7 +83,7 @@ def spec_from_args(args, device):
         base["width"] = args.width
     if getattr(args, "frames", None) is not None:
         if "frames" not in base:
-            raise BenchError(f"--frames is for video families (wan); {family} generates images")
+            raise BenchError(f"--frames is for video families (wan, hunyuan); {family} generates images")
         base["frames"] = args.frames
     return make_spec(**base), args.steps or base["steps"]
 

@@ -22,7 +22,8 @@ registered earlier (group offloading's onload/offload, a cache applied first: th
 ``_old_forward`` (``enable_model_cpu_offload`` removes and re-adds its hooks after every
 pipeline call; a hook stacked on top of it would be dropped). Hooks registered later wrap SDTM
 as usual. Context parallelism's split hooks therefore always run first, whichever was applied
-first: the transformer hook sees the rank's split inputs (``parallel.local_grid``).
+first: the transformer hook sees the rank's split inputs (``parallel.local_grid``; the ranks
+check with ``parallel.agree`` that those are slabs of one image).
 ``remove_innermost`` takes an SDTM hook out of that chain again without disturbing the hooks
 above it (diffusers' own ``HookRegistry.remove_hook`` would overwrite the forward of a
 ``new_forward`` hook registered after it).
@@ -288,21 +289,26 @@ class SDTMTransformerHook(ModelHook):
 
         warned = len(state._warned)
         grid = _token_grid(state, module, arguments)
-        explained = len(state._warned) > warned  # a family's grid reader warned with its reason
+        if len(state._warned) > warned:  # a family's grid reader warned with its reason: no second warning
+            self.warned_grid = True
         hidden = arguments.get("hidden_states")
         context, reason = parallel.context_parallel(module), None
         if context is not None:  # this rank's slab (docs/PARALLEL.md)
             seen = hidden.shape[1] if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 else None
             grid, reason = parallel.local_grid(grid, context, seen)
+            # every call, on every rank: the ranks' grids must be slabs of one image (split inputs)
+            grid, reason = parallel.agree(grid, reason, context, arguments,
+                                          hidden.device if isinstance(hidden, torch.Tensor) else "cpu")
             self._warn_parallel(reason)
-        if grid is None and reason is None and not explained and not self.warned_grid:
+        if grid is None and reason is None and not self.warned_grid:
             self.warned_grid = True
             warnings.warn(f"SDTM: cannot read the image token grid from this {type(module).__name__} call "
                           "(expected a [B, C, H, W] or [B, C, F, H, W] latent with config.patch_size, Flux / Flux.2 "
                           "img_ids on one raster grid, or Qwen-Image img_shapes); such calls run without merging",
                           RuntimeWarning, stacklevel=3)
         batch, device = (hidden.shape[0], hidden.device) if isinstance(hidden, torch.Tensor) else (None, None)
-        state.begin_call(arguments.get("timestep"), grid, text_len=text_len, batch=batch, device=device)
+        timestep = parallel.global_timestep(arguments.get("timestep"), context)  # split per-token timesteps
+        state.begin_call(timestep, grid, text_len=text_len, batch=batch, device=device)
         if self.generation != state.generations:  # the first call of a generation
             self.generation = state.generations
             self.calls = self.calls_without_grid = 0

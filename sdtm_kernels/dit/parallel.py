@@ -21,11 +21,22 @@ beneath diffusers' split hook, reads the grid from the rank's split inputs (Flux
 rows). Otherwise (a plan that splits at the first block: Wan, Qwen-Image) the hook reads the global
 grid and cuts it along its first axis. A grid that cannot be cut so (height not divisible by the
 degree; a grid read from split inputs less than 2 along its first axis, the rule that keeps the
-decision the same on every rank) runs without merging, with a warning.
+decision the same on every rank; a sequence holding tokens besides the grid's, e.g. reference
+images, which the plan splits together with the generated ones) runs without merging, with a warning.
+
+A rank's own chunk of split inputs cannot tell whether the other ranks' chunks continue the same
+image: with reference-image tokens (Flux.2 edit, Flux.1 Kontext) rank 0 may hold nothing but
+generated rows while rank 1 holds generated rows and references, or only references. So under a
+plan that splits at the transformer's inputs the ranks agree (``agree``: one all-reduce of a few
+integers per transformer call) that their grids are the equal, consecutive slabs of one image, and
+all run without merging otherwise; without it they would merge different counts (a collective size
+mismatch: an error on gloo, a hang or garbage on NCCL) or merge reference tokens.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
+
+import torch
 
 from ..reference import schedule as ref_schedule
 
@@ -70,6 +81,8 @@ class ContextParallel:
     ulysses_degree: int
     root_split: bool  # the CP plan splits the transformer's own hidden_states (its "" entry)
     uneven: bool  # ulysses_anything / ring_anything: chunks of different lengths
+    split_timestep: bool = False  # the "" entry splits a per-token timestep with the sequence (Wan 2.2 TI2V)
+    mesh: object = field(default=None, compare=False, repr=False)  # the CP ranks' (flattened) device mesh
 
 
 def context_parallel(model) -> Optional[ContextParallel]:
@@ -85,7 +98,8 @@ def context_parallel(model) -> Optional[ContextParallel]:
     ring, ulysses = config.ring_degree or 1, config.ulysses_degree or 1
     return ContextParallel(degree=ring * ulysses, ring_degree=ring, ulysses_degree=ulysses,
                            root_split="hidden_states" in metadata,
-                           uneven=bool(config.ulysses_anything or config.ring_anything))
+                           uneven=bool(config.ulysses_anything or config.ring_anything),
+                           split_timestep="timestep" in metadata, mesh=getattr(config, "_flattened_mesh", None))
 
 
 def has_split_hooks(model) -> bool:
@@ -118,6 +132,13 @@ def local_grid(grid, parallel: ContextParallel, seen_tokens: Optional[int]):
                           f"of the token grid; SDTM needs {rows} with at least 2 per rank. Such calls run without "
                           "merging on every rank")
         return grid, None
+    if not parallel.root_split and seen_tokens is not None and seen_tokens != math.prod(grid):
+        # a global sequence with tokens besides the grid's: the plan splits them all, so rank 0's chunk is not
+        # slab 0 (the same shapes on every rank: the same decision)
+        return None, (f"SDTM under context parallelism: this call's sequence holds {seen_tokens} image tokens, of "
+                      f"which the token grid {grid} covers {math.prod(grid)}; the others (reference images of an "
+                      "edit model, Qwen-Image-Layered's condition image) are split over the ranks with them, so a "
+                      "rank's tokens are not one slab of the grid. Such calls run without merging on every rank")
     if grid[0] % degree:
         return None, (f"SDTM under context parallelism: the token grid {grid} cannot be cut into {degree} slabs "
                       f"of {rows}. Such calls run without merging on every rank")
@@ -126,6 +147,68 @@ def local_grid(grid, parallel: ContextParallel, seen_tokens: Optional[int]):
         return None, (f"SDTM under context parallelism: a slab of the token grid {grid} holds {math.prod(local)} "
                       f"tokens but this rank sees {seen_tokens}; such calls run without merging on every rank")
     return local, None
+
+
+AGREE_ENTRIES = 8  # valid, len(grid), grid (3), first t, last t, first row - rank * slab height
+
+
+def chunk_layout(arguments):
+    """``[lowest t, highest t, first row]`` of the rank's ``img_ids`` (Flux.1 / Flux.2 columns
+    ``t, h, w[, l]``) as a tensor on the ids' device (no host read), or None without such ids."""
+    ids = arguments.get("img_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() not in (2, 3) or ids.shape[-1] < 2 or ids.shape[-2] == 0:
+        return None
+    ids = ids[0] if ids.dim() == 3 else ids
+    return torch.stack([ids[:, 0].min(), ids[:, 0].max(), ids[:, 1].min()]).long()
+
+
+def agree(grid, reason, parallel: ContextParallel, arguments, device):
+    """``(grid, reason)`` the same on every rank, for a plan that splits the transformer's inputs
+    (else returned as given): the rank keeps its grid only when every rank has one, all equal, and
+    their ``img_ids`` say they are consecutive slabs of one image (one ``t``, rank ``r``'s first row
+    ``r`` slab heights after rank 0's). One all-reduce (max of the entries and of their negatives)
+    and one host read per call, on every rank whatever its own grid: no rank skips it."""
+    if not parallel.root_split or parallel.mesh is None:
+        return grid, reason
+    import torch.distributed as dist
+
+    group = parallel.mesh.get_group()
+    shape = tuple(grid) if grid is not None and len(grid) <= 3 else ()  # (H, W) or (T, H, W)
+    head = torch.tensor([bool(shape), len(shape), *shape, *(0,) * (3 - len(shape))], dtype=torch.long)
+    layout = chunk_layout(arguments)
+    if layout is None:  # no ids to check the slabs' order by: equal grids only
+        layout = torch.zeros(3, dtype=torch.long)
+    elif shape:
+        layout = layout - torch.tensor([0, 0, dist.get_rank(group) * shape[0]], device=layout.device)
+    entries = torch.cat([head.to(device), layout.to(device)])
+    both = torch.cat([entries, -entries])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    values = both.tolist()
+    high, low = values[:AGREE_ENTRIES], [-v for v in values[AGREE_ENTRIES:]]
+    if low[0] == 1 and high == low and high[5] == high[6]:
+        return grid, reason
+    if grid is None:
+        return None, reason  # this rank's own reason (or the hook's no-grid warning)
+    return None, ("SDTM under context parallelism: the ranks' image tokens are not the equal, consecutive slabs of "
+                  "one token grid (e.g. reference-image tokens, which the plan splits together with the generated "
+                  "ones, so a rank may hold generated rows only, references only or both); such calls run without "
+                  "merging on every rank")
+
+
+def global_timestep(timestep, parallel: Optional[ContextParallel]):
+    """The timestep SDTM counts steps by, the same on every rank: a per-token ``[B, N]`` timestep
+    that the plan splits with the sequence (Wan's ``""`` entry) becomes the largest value of the
+    first sample over all ranks (one all-reduce), as ``state.timestep_value`` takes it on one
+    process. Without it a rank holding only a conditioning frame's tokens (timestep 0 at every step)
+    would count one long step while the others step on: different modes, different merge counts."""
+    if (parallel is None or not parallel.split_timestep or parallel.mesh is None
+            or not isinstance(timestep, torch.Tensor) or timestep.dim() < 2 or timestep.numel() == 0):
+        return timestep
+    import torch.distributed as dist
+
+    value = timestep[0].amax().reshape(1).clone()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=parallel.mesh.get_group())
+    return value
 
 
 def too_small(state) -> Optional[str]:
@@ -165,7 +248,7 @@ def check(model, config):
         raise SDTMError(
             f"SDTM cannot run with context parallelism on {name}: diffusers has no context-parallel plan "
             "(_cp_plan) for it (SD3, PixArt, DiT), and SDTM supports context parallelism only with the plans "
-            "diffusers ships (Flux.1; see docs/PARALLEL.md). Use one of the two")
+            "diffusers ships (Flux.1, Flux.2, Qwen-Image, Wan; see docs/PARALLEL.md). Use one of the two")
     if parallel.uneven:
         raise SDTMError(
             "SDTM cannot run with ulysses_anything / ring_anything: their chunks differ in length between ranks, "

@@ -210,7 +210,9 @@ def _token_grid(state, model, arguments):
             grid = None  # not one raster grid (e.g. extra reference-image tokens): run exactly
         state.grid_cache = (key, grid)
         return grid
-    return latent_grid(arguments.get("hidden_states"), getattr(getattr(model, "config", None), "patch_size", None))
+    config = getattr(model, "config", None)
+    return latent_grid(arguments.get("hidden_states"), getattr(config, "patch_size", None),
+                       getattr(config, "patch_size_t", None))
 
 
 def latent_grid(hidden_states, patch, patch_t=None):
@@ -609,9 +611,16 @@ def get_state(pipe_or_model):
 
 
 def reset_sdtm(pipe_or_model, num_steps=None):
-    """Start a new generation (optionally with a new step count) on a patched model."""
+    """Start a new generation (optionally with a new step count) on a patched model (on a
+    pipeline: every patched transformer of it, ``transformer_2`` included). Returns the state of
+    ``pipe.transformer`` (or of the model)."""
     state = get_state(pipe_or_model)
     if state is None:
         raise ValueError("reset_sdtm: the model is not patched with apply_sdtm")
     state.reset(num_steps=num_steps)
+    pipe, _ = _split(pipe_or_model)
+    for other in _other_transformers(pipe):
+        other_state = get_state(other)
+        if other_state is not None:
+            other_state.reset(num_steps=num_steps)
     return state
