@@ -326,8 +326,12 @@ def test_grid_from_a_latent_argument():
     sk.apply_sdtm(model)
     run(TIMESTEPS[:2])
     assert get_state(model).grid == (8, 8) and get_state(model).stats[-1]["mode"] == "ssm"
+    other, other_run, _ = build("sana", layers=1)  # a second patched instance keeps its own reader
+    sk.apply_sdtm(other, **SETTINGS)
     sk.remove_sdtm(model)
-    assert type(model) not in patch_module._GRID_READERS
+    assert model not in patch_module._DESCRIBED_GRIDS
+    other_run(TIMESTEPS[:2])
+    assert get_state(other).grid == (8, 8)
 
 
 def test_bad_descriptions_raise():

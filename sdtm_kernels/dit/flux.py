@@ -39,7 +39,7 @@ def gather_rotary(ctx, sublayer, image_rotary_emb, text_len):
         if torch.compiler.is_compiling() or torch.is_grad_enabled():
             rows = torch.cat([table[:, :text_len], table[:, text_len:].index_select(1, rep)], dim=1)
         else:  # eager inference: one launch into a per-call buffer that holds the text entries
-            rows = _rows_buffer(table, text_len)[:, :text_len + rep.shape[0]]
+            rows = rows_buffer(table, text_len)[:, :text_len + rep.shape[0]]
             torch.index_select(table[:, text_len:], 1, rep, out=rows[:, text_len:])
         return rows[0], rows[1]
     import diffusers
@@ -51,7 +51,7 @@ def gather_rotary(ctx, sublayer, image_rotary_emb, text_len):
     )
 
 
-def _rows_buffer(table, text_len):
+def rows_buffer(table, text_len):
     """A ``[2, T + N, D]`` buffer whose first ``T`` entries are the text entries of ``table``, made
     once per call (per stacked table) and reused by every block: each block's gather overwrites
     the image part, read by that block's attention before the next block runs (eager, no autograd

@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import linear_weights
-from .core import BlockContext, block_context, gate_times
+from .core import BlockContext, block_context
+from .flux import rows_buffer
 
 try:
     from diffusers.models.transformers import transformer_flux2 as _flux2
@@ -155,11 +156,17 @@ class ImageSpan:
         if self.whole or (not ctx.merges(sublayer) and ctx.mode != "protected"):
             return ctx.finish(sublayer, y, residual=residual, gate=gate, cache_names=cache_names)
         end = self.lo + (ctx.num_rows if ctx.merges(sublayer) else self.size)
-        before = residual[:, :self.lo] + gate_times(rows_of(gate, 0, self.lo), y[:, :self.lo])
         image = ctx.finish(sublayer, y[:, self.lo:end], residual=residual[:, self.lo:self.hi],
                            gate=rows_of(gate, self.lo, self.hi), cache_names=cache_names)
-        after = residual[:, self.hi:] + gate_times(rows_of(gate, self.hi, self.length), y[:, end:])
-        return torch.cat([before, image, after], dim=1)
+        # the tokens around the image: merged steps in one launch each (protected steps: the stock
+        # expression, bit for bit), none when empty
+        fused = ctx.merges(sublayer)
+        parts = [image]
+        if self.lo:
+            parts.insert(0, _gated_add(residual[:, :self.lo], rows_of(gate, 0, self.lo), y[:, :self.lo], fused))
+        if self.hi < self.length:
+            parts.append(_gated_add(residual[:, self.hi:], rows_of(gate, self.hi, self.length), y[:, end:], fused))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else image
 
     def rotary(self, ctx, sublayer, rotary, offset: int):
         """The ``(cos, sin)`` table of the rows ``sublayer`` runs on; the stream starts at ``offset``
@@ -173,8 +180,20 @@ class ImageSpan:
                                f"tensors; got {type(rotary).__name__}, which is not supported")
         rep = ctx.plan.rep_token[0]  # one plan shared by the batch
         table = ctx.state.stacked_rotary(rotary)  # [2, S, D], stacked once per call
-        rows = torch.cat([table[:, :lo], table[:, lo:hi].index_select(1, rep.to(table.device)), table[:, hi:]], dim=1)
+        rep = rep.to(table.device)
+        if hi == table.shape[1] and not torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            rows = rows_buffer(table, lo)[:, :lo + rep.shape[0]]  # eager inference: one launch (flux.py)
+            torch.index_select(table[:, lo:hi], 1, rep, out=rows[:, lo:])
+        else:
+            rows = torch.cat([table[:, :lo], table[:, lo:hi].index_select(1, rep), table[:, hi:]], dim=1)
         return rows[0], rows[1]
+
+
+def _gated_add(residual, gate, y, fused=True):
+    """``residual + gate * y`` (``[B, C]`` gates broadcast over the tokens): one launch when
+    ``fused`` (``addcmul``, rounded once), else the stock two-op expression."""
+    gate = gate.unsqueeze(1) if gate.dim() == 2 else gate
+    return torch.addcmul(residual, gate, y) if fused else residual + gate * y
 
 
 def rows_of(modulation, lo: int, hi: int):
@@ -311,7 +330,7 @@ def single_forward(self, hidden_states, encoder_hidden_states, temb_mod, image_r
         ctx.note("attn", span.size)
         mlp_in = F.linear(span.merge(ctx, "mlp", norm_hidden_states), weight_in[qkv_cols:],
                           None if bias_in is None else bias_in[qkv_cols:])
-        with_attn = residual + mod_gate * F.linear(attn_output, weight_out[:, :attn_cols], bias_out)
+        with_attn = _gated_add(residual, mod_gate, F.linear(attn_output, weight_out[:, :attn_cols], bias_out))
         mlp_out = F.linear(attn.mlp_act_fn(mlp_in), weight_out[:, attn_cols:])
         hidden_states = span.finish(ctx, "mlp", mlp_out, with_attn, mod_gate)
     else:  # exact, protected or SSM (both branches on the merged rows): the processor's computation

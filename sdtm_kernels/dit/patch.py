@@ -38,6 +38,7 @@ import copyreg
 import functools
 import inspect
 import pickle
+import weakref
 
 import torch
 
@@ -140,9 +141,13 @@ def _all_families():
 
 
 _GRID_READERS = {}  # transformer class -> token_grid function of its family module (or None)
+_DESCRIBED_GRIDS = weakref.WeakKeyDictionary()  # patched transformer -> its describe_block(grid=) reader
 
 
 def _grid_reader(model):
+    described = _DESCRIBED_GRIDS.get(model)
+    if described is not None:
+        return described
     cls = type(model)
     if cls not in _GRID_READERS:
         reader = None
@@ -517,9 +522,9 @@ def _apply_model(model, pipe, preset, explicit, transformers=1):
             block._sdtm_layer = layer
             block._sdtm_slot = state.slot(layer)
             describe.sync(block, forward)  # described blocks: hooks on their sub-modules
-        _GRID_READERS.pop(type(model), None)
+        _DESCRIBED_GRIDS.pop(model, None)
         if described_grid is not None:
-            _GRID_READERS[type(model)] = described_grid
+            _DESCRIBED_GRIDS[model] = described_grid
     except BaseException:
         if fresh:
             remove_sdtm(model)
@@ -595,7 +600,7 @@ def remove_sdtm(pipe_or_model):
         hooks.remove_innermost(module)
         for name in ("_sdtm_state", "_sdtm_layer", "_sdtm_slot", "_sdtm_run"):
             module.__dict__.pop(name, None)
-    _GRID_READERS.pop(type(model), None)  # a described grid= reader goes with the patch
+    _DESCRIBED_GRIDS.pop(model, None)  # a described grid= reader goes with the patch
     registry = getattr(model, "_diffusers_hook", None)
     if registry is not None:  # anything named "sdtm" that was registered some other way
         registry.remove_hook(hooks.HOOK_NAME, recurse=True)
