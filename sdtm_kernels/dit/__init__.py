@@ -5,8 +5,9 @@ blocks. Importing this package does not import diffusers (only ``apply_sdtm`` lo
 Modules: ``config`` (SDTMConfig, PRESETS), ``state`` (SDTMState: steps, schedule, li, cache,
 statistics), ``core`` (per-block decisions, merged sub-layers), ``generic`` (user blocks), ``describe``
 (other DiTs from a few-line block description: ``describe_block``),
-``basic`` / ``sd3`` / ``flux`` (diffusers block forwards), ``patch`` (apply/remove),
-``hooks`` (the diffusers hooks ``apply_sdtm`` registers; imports diffusers), ``summarize``
+``basic`` / ``sd3`` / ``flux`` / ``flux2`` / ``wan`` / ``qwen_image`` / ``hunyuan_video`` (diffusers block
+forwards), ``patch`` (apply/remove), ``pipelines`` (patched pipeline calls), ``parallel`` (context
+parallelism), ``hooks`` (the diffusers hooks ``apply_sdtm`` registers; imports diffusers), ``summarize``
 (``summary``: what is patched and what the last generation did), ``adapters`` (LoRA weights).
 """
 from .config import PRESETS, SDTMConfig
