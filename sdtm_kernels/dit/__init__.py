@@ -1,5 +1,6 @@
 """SDTM for diffusion transformers: ``apply_sdtm`` / ``remove_sdtm`` for diffusers pipelines
-and transformers (DiT, PixArt, SD3/SD3.5, Flux), and ``SDTMBlockWrapper`` for your own DiT
+and transformers (DiT, PixArt, SD3/SD3.5, Flux.1, Flux.2, Qwen-Image, Wan, HunyuanVideo; other DiTs by
+``describe_block``), and ``SDTMBlockWrapper`` for your own DiT
 blocks. Importing this package does not import diffusers (only ``apply_sdtm`` looks for it).
 
 Modules: ``config`` (SDTMConfig, PRESETS), ``state`` (SDTMState: steps, schedule, li, cache,
