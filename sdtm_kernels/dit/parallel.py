@@ -52,12 +52,6 @@ def shard_grid(grid, shards: int):
     return (grid[0] // shards,) + tuple(grid[1:])
 
 
-def check_shards(shards: int, grid):
-    if grid and grid[0] % shards:
-        raise ValueError(f"shards={shards} must divide the first axis of the token grid {tuple(grid)} "
-                         "(every slab is planned on its own with the same merge count)")
-
-
 def slab_rows(tensor, shards: int, repeat: bool = False):
     """``[B, N, ...]`` -> ``[B * shards, N / shards, ...]``: slab ``s`` of sample ``b`` is row
     ``b * shards + s`` (a view of a contiguous tensor, so a planner writing ``li_out`` writes the
