@@ -157,6 +157,7 @@ class SDTMState:
         self.grid_cache = None  # patch.py: (key of the last Flux img_ids tensor, its grid)
         self._direction = None  # +1 / -1: whether the timesteps of this generation go up or down
         self._evals0 = 0  # driver: scheduler steps counted before this generation's first call
+        self._entry_step = None  # global_steps: the step of this generation's first call
         self._last_evals = None
         self._driver_off = False
         self._levels = None  # (num_steps, config) -> per-stage ratio levels
@@ -295,6 +296,8 @@ class SDTMState:
         if self.step < 0:
             self._evals0 = 0 if self.global_steps else evals
         step = (evals - self._evals0) // driver.order
+        if self.step < 0:
+            self._entry_step = step  # a second transformer's first step: protected (its first cache)
         if self.step >= 0 and step == self.step:
             if evals == self._last_evals and timestep_value(timestep) != self.last_timestep:
                 # the timestep moved but the scheduler did not step: this pipeline does not call
@@ -376,7 +379,8 @@ class SDTMState:
     # -- decisions -------------------------------------------------------------------------
     def step_mode(self) -> str:
         cfg = self.config
-        if cfg.protect_steps and self.step % cfg.protect_steps == 0:
+        if cfg.protect_steps and (self.step % cfg.protect_steps == 0
+                                  or (self.global_steps and self.step == self._entry_step)):
             return "protected"
         return "ssm" if self.step <= cfg.switch_index(self.num_steps) else "idm"
 

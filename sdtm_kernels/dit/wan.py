@@ -33,8 +33,8 @@ the copies of this block in ``transformer_wan_animate`` and ``transformer_chrono
 classes and are not patched; ``idm_score="attention"`` and ``prompt_reweight`` need joint
 attention and are rejected by ``apply_sdtm``; a rotary table not of the form above raises.
 A pipeline's second expert (``pipe.transformer_2``, Wan 2.2 A14B) is patched by ``apply_sdtm(pipe)``
-too, with its own state (caches, ``li``) and the pipeline's step indices (its first call is a
-late step of the schedule: until its first protected step it merges without a cache to blend).
+too, with its own state (caches, ``li``) and the pipeline's step indices; its first step of a
+generation is protected (exact, writing its first cache), whatever its index.
 A bare transformer reads
 a step's timestep from the first sample; per-token timesteps (TI2V, ``[B, N]``) by their largest
 value, since a conditioning first frame holds 0 at every step.
