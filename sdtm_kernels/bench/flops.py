@@ -91,6 +91,11 @@ def grid_text(spec) -> str:
     return "x".join(str(g) for g in spec["grid"])
 
 
+# bench families whose FLOPs are bench.families' block models (qwen / hunyuan: text joined in
+# attention; wan: cross-attention to the prompt, its query side merged only with merge_cross_attention)
+FAMILY_BLOCKS = {"qwen": "joint", "hunyuan": "joint", "wan": "cross"}
+
+
 def block_flops(spec, layer, attn=None, mlp=None, cross=None):
     """FLOPs of one block call for one batch row (module docstring); token counts default to N."""
     n = spec["num_tokens"]
@@ -105,12 +110,10 @@ def block_flops(spec, layer, attn=None, mlp=None, cross=None):
         if not last:
             flops += 2 * t * c * c + 4 * r * t * c * c
         return flops
-    if family in ("qwen", "hunyuan"):  # text joins the attention; the prompt's MLP runs at full length
-        return 8 * (na + t) * c * c + 4 * (na + t) ** 2 * c + 4 * (nm + t) * c * spec["ffn_dim"]
-    if family == "wan":  # self-attention, cross-attention to the prompt (query side merged), FFN of ffn_dim
-        f = spec["ffn_dim"]
-        return (8 * na * c * c + 4 * na * na * c + 4 * nx * c * c + 4 * t * c * c + 4 * nx * t * c
-                + 4 * nm * c * f)
+    if family in FAMILY_BLOCKS:  # the block models of bench.families (GELU MLP of ffn_dim)
+        from .families import block_flops as family_block_flops
+
+        return family_block_flops(FAMILY_BLOCKS[family], na, nm, nx, t, c, spec["ffn_dim"], 2)
     flops = 8 * na * c * c + 4 * na * na * c + 4 * r * nm * c * c
     if family == "pixart":
         flops += 4 * nx * c * c + 4 * t * c * c + 4 * nx * t * c

@@ -150,6 +150,34 @@ def gate_times(gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return gate * y
 
 
+def gather_entries(table, dim: int, rep, prefix: int, end: int):
+    """``cat([table[:prefix], table[prefix:end][rep], table[end:]])`` along ``dim``: per-token entries
+    (rotary tables, attention masks) for ``[prefix, merged rows, rest]``, ``rep`` the merged rows'
+    representative tokens. Eager inference: one launch, a gather into a buffer that holds
+    the fixed entries, made once per ``table`` (a tensor of this call) and merged length and reused
+    by every block: each block's gather overwrites the merged part before its attention reads it."""
+    middle = table.narrow(dim, prefix, end - prefix)
+    rows, tail = rep.shape[0], table.shape[dim] - end
+    if not prefix and not tail:
+        return middle.index_select(dim, rep)
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        parts = (table.narrow(dim, 0, prefix), middle.index_select(dim, rep), table.narrow(dim, end, tail))
+        return torch.cat([part for part in parts if part.shape[dim]], dim=dim)
+    buffers = getattr(table, "_sdtm_gathered", None)  # lives and dies with the call's tensor
+    if buffers is None:
+        buffers = table._sdtm_gathered = {}
+    buffer = buffers.get((prefix, end, rows))
+    if buffer is None:
+        shape = list(table.shape)
+        shape[dim] = prefix + rows + tail
+        buffer = buffers[prefix, end, rows] = table.new_empty(shape)
+        for start, length, source in ((0, prefix, 0), (prefix + rows, tail, end)):
+            if length:
+                buffer.narrow(dim, start, length).copy_(table.narrow(dim, source, length))
+    torch.index_select(middle, dim, rep, out=buffer.narrow(dim, prefix, rows))
+    return buffer
+
+
 def block_context(state: Optional[SDTMState], layer, metric: torch.Tensor, *, shared: bool = False,
                   received=None):
     """Decide what the block does now and build its plan from ``metric`` [B, N, C].

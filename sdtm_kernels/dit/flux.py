@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import linear_weights
-from .core import block_context
+from .core import block_context, gather_entries
 from .joint_attention import JointAttention, _check_kwargs, prompt_key_bias
 from .sd3 import uses_own_attention
 
@@ -35,12 +35,7 @@ def gather_rotary(ctx, sublayer, image_rotary_emb, text_len):
                     for t in image_rotary_emb)):
         rep = ctx.plan.rep_token[0]  # shared plan: every row of rep_token is the same (int32 indexes too)
         table = ctx.state.stacked_rotary(image_rotary_emb)  # [2, T + N, D]: cos and sin, stacked once per call
-        rep = rep.to(table.device)
-        if torch.compiler.is_compiling() or torch.is_grad_enabled():
-            rows = torch.cat([table[:, :text_len], table[:, text_len:].index_select(1, rep)], dim=1)
-        else:  # eager inference: one launch into a per-call buffer that holds the text entries
-            rows = rows_buffer(table, text_len)[:, :text_len + rep.shape[0]]
-            torch.index_select(table[:, text_len:], 1, rep, out=rows[:, text_len:])
+        rows = gather_entries(table, 1, rep.to(table.device), text_len, text_len + num_tokens)  # one launch
         return rows[0], rows[1]
     import diffusers
 
@@ -49,19 +44,6 @@ def gather_rotary(ctx, sublayer, image_rotary_emb, text_len):
         f"(diffusers >= 0.30); this diffusers {diffusers.__version__} passes "
         f"{type(image_rotary_emb).__name__}, which is not supported"
     )
-
-
-def rows_buffer(table, text_len):
-    """A ``[2, T + N, D]`` buffer whose first ``T`` entries are the text entries of ``table``, made
-    once per call (per stacked table) and reused by every block: each block's gather overwrites
-    the image part, read by that block's attention before the next block runs (eager, no autograd
-    holding the table)."""
-    entry = getattr(table, "_sdtm_rows", None)  # lives and dies with the call's stacked table
-    if entry is None or entry[0] != text_len:
-        buffer = torch.empty_like(table)
-        buffer[:, :text_len] = table[:, :text_len]
-        entry = table._sdtm_rows = (text_len, buffer)
-    return entry[1]
 
 
 def double_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,

@@ -36,8 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import linear_weights
-from .core import BlockContext, block_context
-from .flux import rows_buffer
+from .core import BlockContext, block_context, gather_entries
 
 try:
     from diffusers.models.transformers import transformer_flux2 as _flux2
@@ -180,12 +179,7 @@ class ImageSpan:
                                f"tensors; got {type(rotary).__name__}, which is not supported")
         rep = ctx.plan.rep_token[0]  # one plan shared by the batch
         table = ctx.state.stacked_rotary(rotary)  # [2, S, D], stacked once per call
-        rep = rep.to(table.device)
-        if hi == table.shape[1] and not torch.compiler.is_compiling() and not torch.is_grad_enabled():
-            rows = rows_buffer(table, lo)[:, :lo + rep.shape[0]]  # eager inference: one launch (flux.py)
-            torch.index_select(table[:, lo:hi], 1, rep, out=rows[:, lo:])
-        else:
-            rows = torch.cat([table[:, :lo], table[:, lo:hi].index_select(1, rep), table[:, hi:]], dim=1)
+        rows = gather_entries(table, 1, rep.to(table.device), lo, hi)  # [text, merged rows, references]
         return rows[0], rows[1]
 
 

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import linear_weights
-from .core import block_context
+from .core import block_context, gather_entries
 from .patch import latent_grid
 
 _DIFFUSERS_MODULE = "diffusers.models.transformers.transformer_hunyuan_video"
@@ -72,33 +72,6 @@ def grid_prefix(state, num_image: int) -> int:
     return max(num_image - math.prod(grid), 0)  # fewer tokens than the grid: block_context runs exactly
 
 
-def merged_keys(table, dim: int, rep, prefix: int, end: int):
-    """``cat([table[:prefix], table[prefix:end][rep], table[end:]])`` along ``dim``: entries for
-    ``[prefix, merged rows, rest]``. Eager inference: one launch, a gather into a buffer that holds
-    the fixed entries, made once per ``table`` (a tensor of this call) and merged length and reused
-    by every block: each block's gather overwrites the merged part before its attention reads it."""
-    middle = table.narrow(dim, prefix, end - prefix)
-    rows, tail = rep.shape[0], table.shape[dim] - end
-    if not prefix and not tail:
-        return middle.index_select(dim, rep)
-    if torch.compiler.is_compiling() or torch.is_grad_enabled():
-        parts = (table.narrow(dim, 0, prefix), middle.index_select(dim, rep), table.narrow(dim, end, tail))
-        return torch.cat([part for part in parts if part.shape[dim]], dim=dim)
-    buffers = getattr(table, "_sdtm_merged_keys", None)  # lives and dies with the call's tensor
-    if buffers is None:
-        buffers = table._sdtm_merged_keys = {}
-    buffer = buffers.get((prefix, end, rows))
-    if buffer is None:
-        shape = list(table.shape)
-        shape[dim] = prefix + rows + tail
-        buffer = buffers[prefix, end, rows] = table.new_empty(shape)
-        for start, length, source in ((0, prefix, 0), (prefix + rows, tail, end)):
-            if length:
-                buffer.narrow(dim, start, length).copy_(table.narrow(dim, source, length))
-    torch.index_select(middle, dim, rep, out=buffer.narrow(dim, prefix, rows))
-    return buffer
-
-
 def gather_rotary(ctx, sublayer, image_rotary_emb, prefix: int = 0):
     """The ``(cos, sin)`` tables for ``[prefix tokens, merged rows]``: the prefix entries, then
     the entry of each row's representative token."""
@@ -116,7 +89,7 @@ def gather_rotary(ctx, sublayer, image_rotary_emb, prefix: int = 0):
                          f"over the image tokens (diffusers {diffusers.__version__}); got {shapes}")
     table = ctx.state.stacked_rotary(image_rotary_emb)  # [2, P + N, D]: cos and sin in one gather
     rep = ctx.plan.rep_token[0].to(table.device)  # shared plan: every row of rep_token is the same
-    rows = merged_keys(table, 1, rep, prefix, expected)
+    rows = gather_entries(table, 1, rep, prefix, expected)
     return rows[0], rows[1]
 
 
@@ -131,7 +104,7 @@ def merged_attention_mask(ctx, sublayer, attention_mask, prefix: int, text_len: 
         shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
         raise ValueError(f"attention_mask: SDTM merges image keys and needs a [B, 1, 1, {end + text_len}] key mask "
                          f"over the [image, text] tokens (as HunyuanVideoTransformer3DModel builds it); got {shape}")
-    return merged_keys(attention_mask, 3, ctx.plan.rep_token[0].to(attention_mask.device), prefix, end)
+    return gather_entries(attention_mask, 3, ctx.plan.rep_token[0].to(attention_mask.device), prefix, end)
 
 
 # -- merge / finish with an unmerged prefix -----------------------------------------------------
