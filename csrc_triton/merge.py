@@ -138,7 +138,8 @@ def _segment_reduce_kernel(
     part_ptr, stride_pb, stride_pk,  # [B, N // CHUNK, C] chunk sums of _segment_chunk_kernel (HAS_CHUNKS)
     flag_ptr, stride_fb, stride_fk,  # [B, N // CHUNK] int32: which chunk sums are there (HAS_CHUNKS)
     mcw,  # weight of blended tokens (USE_MCW)
-    N, C,  # tokens of src (and length of members), channels
+    N, M, C,  # tokens of the segmented span of src (and length of members), its rows, channels
+    prefix,  # passthrough rows: out[:prefix] = src[:prefix]; the segmented span starts at src[prefix]
     MEAN: tl.constexpr,  # divide by the member count (merge) instead of a plain sum
     USE_MCW: tl.constexpr,  # scale tokens by mcw (unmerge backward with a cache)
     HAS_BLEND: tl.constexpr,  # only blend tokens are scaled by mcw; else all are
@@ -152,19 +153,40 @@ def _segment_reduce_kernel(
 ):
     """Second pass, one program per (row, channel block): the members before the row's first
     whole chunk and after its last one, plus the chunk sums of the first pass in between. A
-    row of L members takes at most 2 * CHUNK / BLOCK_T + L / (CHUNK * BLOCK_K) + 1 steps."""
-    row = tl.program_id(0).to(tl.int64)
+    row of L members takes at most 2 * CHUNK / BLOCK_T + L / (CHUNK * BLOCK_K) + 1 steps.
+    Output rows outside ``[prefix, prefix + M)`` are passthrough rows: copies of the src rows
+    before and after the segmented span (``src[prefix + N + j]`` for output row ``prefix + M + j``)."""
+    out_row = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.program_id(2).to(tl.int64)
     mask_c = offs_c < C
+    row = out_row - prefix
+    if (row < 0) | (row >= M):
+        src_row = tl.where(row < 0, out_row, out_row - M + N)
+        val = tl.load(src_ptr + b * stride_sb + src_row * stride_sn + offs_c, mask=mask_c, other=0.0)
+        tl.store(out_ptr + b * stride_ob + out_row * stride_om + offs_c, val.to(out_ptr.dtype.element_ty),
+                 mask=mask_c)
+    else:
+        _segment_row(out_ptr + b * stride_ob + out_row * stride_om, src_ptr + b * stride_sb + (out_row - row) * stride_sn,
+                     stride_sn, members_ptr + b * stride_mb, stride_mn, start_ptr + b * stride_rb + row * stride_rm,
+                     stride_rm, blend_ptr + b * stride_bb, stride_bn, gate_ptr + b * stride_gb,
+                     part_ptr + b * stride_pb, stride_pk, flag_ptr + b * stride_fb, stride_fk, offs_c, mask_c,
+                     mcw, N, MEAN, USE_MCW, HAS_BLEND, HAS_GATE, HAS_CHUNKS, ACC_DTYPE, CHUNK, BLOCK_T, BLOCK_K,
+                     BLOCK_C)
 
-    row_start = start_ptr + b * stride_rb + row * stride_rm
+
+@triton.jit
+def _segment_row(
+    out_row_ptr, src_b, stride_sn, members_b, stride_mn, row_start, stride_rm, blend_b, stride_bn, gate_b,
+    part_b, stride_pk, flag_b, stride_fk, offs_c, mask_c, mcw, N,
+    MEAN: tl.constexpr, USE_MCW: tl.constexpr, HAS_BLEND: tl.constexpr, HAS_GATE: tl.constexpr,
+    HAS_CHUNKS: tl.constexpr, ACC_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One segmented row of ``_segment_reduce_kernel`` (pointers already at this batch row)."""
     # Row bounds clamped to [0, N] (hi >= lo): a bad row_start never runs past members.
     lo = tl.minimum(tl.maximum(tl.load(row_start), 0), N)
     hi = tl.minimum(tl.maximum(tl.load(row_start + stride_rm), lo), N)
-    members_b = members_ptr + b * stride_mb
-    src_b = src_ptr + b * stride_sb
-    blend_b = blend_ptr + b * stride_bb
     acc = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
     if HAS_CHUNKS:
         k_first = (lo + CHUNK - 1) // CHUNK  # whole chunks [k_first, k_last) of the row
@@ -179,11 +201,10 @@ def _segment_reduce_kernel(
                        mask_c, mcw, N, USE_MCW, HAS_BLEND, ACC_DTYPE, BLOCK_T)
     if HAS_CHUNKS:
         missing = k_first * 0
-        part_b = part_ptr + b * stride_pb
         for k0 in range(k_first, k_last, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_ok = k < k_last
-            flag = tl.load(flag_ptr + b * stride_fb + k * stride_fk, mask=k_ok, other=0)
+            flag = tl.load(flag_b + k * stride_fk, mask=k_ok, other=0)
             have = k_ok & (flag != 0)
             part = tl.load(part_b + k.to(tl.int64)[:, None] * stride_pk + offs_c[None, :],
                            mask=have[:, None] & mask_c[None, :], other=0.0)
@@ -191,7 +212,7 @@ def _segment_reduce_kernel(
             missing += tl.sum((k_ok & (flag == 0)).to(tl.int32), axis=0)
         if missing > 0:  # only when row_start decreases somewhere (an invalid plan)
             for k in range(k_first, k_last):
-                absent = tl.load(flag_ptr + b * stride_fb + k * stride_fk) == 0
+                absent = tl.load(flag_b + k * stride_fk) == 0
                 acc = _add_members(acc, k * CHUNK, tl.where(absent, k * CHUNK + CHUNK, k * CHUNK), members_b,
                                    stride_mn, src_b, stride_sn, blend_b, stride_bn, offs_c, mask_c, mcw, N,
                                    USE_MCW, HAS_BLEND, ACC_DTYPE, BLOCK_T)
@@ -200,9 +221,9 @@ def _segment_reduce_kernel(
     if MEAN:
         acc = acc / tl.maximum(hi - lo, 1).to(ACC_DTYPE)
     if HAS_GATE:
-        gate = tl.load(gate_ptr + b * stride_gb + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)
+        gate = tl.load(gate_b + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)
         acc = acc * gate
-    tl.store(out_ptr + b * stride_ob + row * stride_om + offs_c, acc.to(out_ptr.dtype.element_ty), mask=mask_c)
+    tl.store(out_row_ptr + offs_c, acc.to(out_row_ptr.dtype.element_ty), mask=mask_c)
 
 
 @triton.jit
@@ -216,7 +237,8 @@ def _gather_rows_kernel(
     blend_ptr, stride_bb, stride_bn,  # [B, N] uint8 tokens that take the cache (HAS_BLEND)
     start_ptr, stride_tb, stride_tm,  # [B, M + 1] int32 row starts: divide by count (COUNT_SCALE)
     mcw, one_minus_mcw,  # cache blend weights, mcw * v + (1 - mcw) * cache
-    N, M, C,  # output tokens, rows of src, channels
+    N, M, C,  # gathered tokens (length of index), gathered rows of src, channels
+    prefix, total,  # passthrough: output tokens [0, prefix) and [prefix + N, total) read src rows directly
     HAS_RESIDUAL: tl.constexpr,  # out = residual + v
     HAS_GATE: tl.constexpr,  # v = gate[b] * v
     GATE_FIRST: tl.constexpr,  # the gate multiplies v before the cache blend (the cache holds gated values)
@@ -227,18 +249,25 @@ def _gather_rows_kernel(
     BLOCK_T: tl.constexpr,  # tokens per program (power of two)
     BLOCK_C: tl.constexpr,  # channels per program (power of two)
 ):
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    """Output token ``prefix + t`` (t < N) gathers src row ``prefix + index[t]`` with the epilogue;
+    the passthrough tokens before and after (``out[prefix + N + j]`` from ``src[prefix + M + j]``)
+    take the residual and the gate but never the cache."""
+    offs_o = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.program_id(2).to(tl.int64)
-    mask_t = offs_t < N
+    mask_o = offs_o < total
     mask_c = offs_c < C
-    mask = mask_t[:, None] & mask_c[None, :]
-    tok = offs_t.to(tl.int64)
+    mask = mask_o[:, None] & mask_c[None, :]
+    out_tok = offs_o.to(tl.int64)
+    tok = out_tok - prefix  # gathered token, in [0, N) for the gathered span
+    gathered = mask_o & (tok >= 0) & (tok < N)
+    mask_t = gathered
 
-    row = tl.load(index_ptr + b * stride_ib + tok * stride_in, mask=mask_t, other=0).to(tl.int64)
-    row_ok = mask_t & (row >= 0) & (row < M)  # an index outside [0, M) reads zeros
-    src = src_ptr + b * stride_sb + row[:, None] * stride_sm + offs_c[None, :]
-    val = tl.load(src, mask=mask & row_ok[:, None], other=0.0).to(ACC_DTYPE)
+    row = tl.load(index_ptr + b * stride_ib + tok * stride_in, mask=gathered, other=0).to(tl.int64)
+    row_ok = gathered & (row >= 0) & (row < M)  # an index outside [0, M) reads zeros
+    src_row = tl.where(gathered, row + prefix, tl.where(tok < 0, out_tok, out_tok - N + M))
+    src = src_ptr + b * stride_sb + src_row[:, None] * stride_sm + offs_c[None, :]
+    val = tl.load(src, mask=mask & (row_ok | (mask_o & ~gathered))[:, None], other=0.0).to(ACC_DTYPE)
     if COUNT_SCALE:
         row_start = start_ptr + b * stride_tb + row * stride_tm
         lo = tl.minimum(tl.maximum(tl.load(row_start, mask=row_ok, other=0), 0), N)
@@ -251,23 +280,20 @@ def _gather_rows_kernel(
     if HAS_CACHE:
         if HAS_BLEND:  # the cache is read only where it is blended in
             is_blend = tl.load(blend_ptr + b * stride_bb + tok * stride_bn, mask=mask_t, other=0) != 0
-            cache_mask = mask & is_blend[:, None]
         else:
-            cache_mask = mask
-        cache = tl.load(cache_ptr + b * stride_cb + tok[:, None] * stride_cn + offs_c[None, :], mask=cache_mask,
-                        other=0.0)
+            is_blend = mask_t
+        cache = tl.load(cache_ptr + b * stride_cb + tok[:, None] * stride_cn + offs_c[None, :],
+                        mask=mask & is_blend[:, None], other=0.0)
         blended = mcw * val + one_minus_mcw * cache.to(ACC_DTYPE)
-        if HAS_BLEND:
-            val = tl.where(is_blend[:, None], blended, val)
-        else:
-            val = blended
+        val = tl.where(is_blend[:, None], blended, val)
     if HAS_GATE:
         if not GATE_FIRST:
             val = gate[None, :] * val
     if HAS_RESIDUAL:
-        res = tl.load(res_ptr + b * stride_rb + tok[:, None] * stride_rn + offs_c[None, :], mask=mask, other=0.0)
+        res = tl.load(res_ptr + b * stride_rb + out_tok[:, None] * stride_rn + offs_c[None, :], mask=mask,
+                      other=0.0)
         val = res.to(ACC_DTYPE) + val
-    out = out_ptr + b * stride_ob + tok[:, None] * stride_on + offs_c[None, :]
+    out = out_ptr + b * stride_ob + out_tok[:, None] * stride_on + offs_c[None, :]
     tl.store(out, val.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -350,26 +376,37 @@ def segment_row_steps(lo: int, hi: int, num_tokens: int, channels: int) -> int:
 
 
 def segment_reduce(src, members, row_start, *, mean=True, gate=None, blend=None, mcw=None,
-                   out_dtype=None, max_members=None):
+                   out_dtype=None, max_members=None, prefix=0, suffix=0):
     """``out[b, m] = reduce_{t in row m} w[b, t] * src[b, t]`` (then ``* gate[b]``): mean or sum
     over each row's members, ``w = mcw`` on ``blend`` tokens (all tokens when ``blend`` is None)
     when ``mcw`` is given, else 1. ``src [B, N, C]``, ``members [B, N]``, ``row_start [B, M+1]``.
     ``max_members``: a bound on the row sizes known from the plan's construction (SSM: the window
-    size); below ``SEG_CHUNK`` no row holds a whole chunk, so the first pass is not launched."""
+    size); below ``SEG_CHUNK`` no row holds a whole chunk, so the first pass is not launched.
+    ``prefix`` / ``suffix`` (plain merges only): src is ``[B, prefix + N + suffix, C]`` and its
+    first and last rows are copied around the reduced rows, ``[B, prefix + M + suffix, C]``."""
     _check_runnable(src)
     src, gate = _unit_c(src), _unit_c(gate)
-    batch, num_tokens, channels = src.shape
+    batch, length, channels = src.shape
+    num_tokens = length - prefix - suffix
     num_rows = row_start.shape[1] - 1
+    if (prefix or suffix) and (gate is not None or mcw is not None):
+        raise ValueError("segment_reduce: prefix / suffix rows are copied; they take no gate or mcw")
+    if num_tokens < 0:
+        raise ValueError(f"segment_reduce: src has {length} rows, fewer than prefix + suffix = {prefix + suffix}")
     _check_shape("members", members, (batch, num_tokens))
     _check_shape("row_start", row_start, (batch, num_rows + 1))
     _check_shape("blend", blend, (batch, num_tokens))
     _check_shape("gate", gate, (batch, channels))
-    out = torch.empty(batch, num_rows, channels, dtype=out_dtype or src.dtype, device=src.device)
+    out = torch.empty(batch, prefix + num_rows + suffix, channels, dtype=out_dtype or src.dtype, device=src.device)
     if out.numel() == 0:
         return out
+    if num_rows == 0:  # only passthrough rows
+        return out.copy_(src)
     blend_u8 = blend.view(torch.uint8) if blend is not None else None
     cfg = segment_config(batch, num_tokens, num_rows, channels)
+    cfg["row_grid"] = (prefix + num_rows + suffix,) + cfg["row_grid"][1:]
     block_c, acc_dtype = cfg["block_c"], _acc_dtype(src.dtype)
+    span = src.narrow(1, prefix, num_tokens) if prefix or suffix else src  # the chunk pass reads the span only
     blend_arg = (blend_u8 if blend_u8 is not None else members, *_strides(blend_u8, 2))
     use_mcw, has_blend = mcw is not None, blend is not None
     mcw_arg = float(mcw) if use_mcw else 1.0
@@ -382,7 +419,7 @@ def segment_reduce(src, members, row_start, *, mean=True, gate=None, blend=None,
         _segment_chunk_kernel[cfg["chunk_grid"]](
             part, part.stride(0), part.stride(1),
             flags, flags.stride(0), flags.stride(1),
-            src, src.stride(0), src.stride(1),
+            span, span.stride(0), span.stride(1),
             members, members.stride(0), members.stride(1),
             row_start, row_start.stride(0), row_start.stride(1),
             *blend_arg,
@@ -405,7 +442,7 @@ def segment_reduce(src, members, row_start, *, mean=True, gate=None, blend=None,
         part, *(part.stride()[:2] if has_chunks else (0, 0)),
         flags, *(flags.stride()[:2] if has_chunks else (0, 0)),
         mcw_arg,
-        num_tokens, channels,
+        num_tokens, num_rows, channels, prefix,
         MEAN=mean, USE_MCW=use_mcw, HAS_BLEND=has_blend, HAS_GATE=gate is not None, HAS_CHUNKS=has_chunks,
         ACC_DTYPE=acc_dtype, CHUNK=SEG_CHUNK, BLOCK_T=cfg["block_t"], BLOCK_K=cfg["block_k"], BLOCK_C=block_c,
         num_warps=_warps(cfg["block_t"] * block_c),
@@ -414,26 +451,33 @@ def segment_reduce(src, members, row_start, *, mean=True, gate=None, blend=None,
 
 
 def gather_rows(src, index, *, residual=None, gate=None, cache=None, blend=None, mcw=1.0,
-                row_start=None, out_dtype=None, gate_first=False):
+                row_start=None, out_dtype=None, gate_first=False, prefix=0, suffix=0):
     """``out[b, t] = src[b, index[b, t]]`` with the optional epilogue (``/ count`` when
-    ``row_start`` is given, cache blend, gate, residual). ``src [B, M, C]``, ``index [B, N]``."""
+    ``row_start`` is given, cache blend, gate, residual). ``src [B, M, C]``, ``index [B, N]``.
+    ``prefix`` / ``suffix``: ``src`` is ``[B, prefix + M + suffix, C]`` and its first and last rows
+    pass through around the gathered ones (residual and gate, no cache): ``out`` and ``residual``
+    are ``[B, prefix + N + suffix, C]``; ``cache`` and ``blend`` cover the gathered tokens only."""
     _check_runnable(src)
     src, residual, gate, cache = _unit_c(src), _unit_c(residual), _unit_c(gate), _unit_c(cache)
-    batch, num_rows, channels = src.shape
-    num_tokens = index.shape[1]
+    batch, length, channels = src.shape
+    num_rows = length - prefix - suffix
+    num_tokens = index.shape[-1]
+    total = prefix + num_tokens + suffix
+    if num_rows < 0 or (row_start is not None and (prefix or suffix)):
+        raise ValueError(f"gather_rows: src has {length} rows, fewer than prefix + suffix = {prefix + suffix}")
     _check_shape("index", index, (batch, num_tokens))
-    for name, t in (("residual", residual), ("cache", cache)):
-        _check_shape(name, t, (batch, num_tokens, channels))
+    _check_shape("residual", residual, (batch, total, channels))
+    _check_shape("cache", cache, (batch, num_tokens, channels))
     _check_shape("blend", blend, (batch, num_tokens))
     _check_shape("gate", gate, (batch, channels))
     _check_shape("row_start", row_start, (batch, num_rows + 1))
-    out = torch.empty(batch, num_tokens, channels, dtype=out_dtype or src.dtype, device=src.device)
+    out = torch.empty(batch, total, channels, dtype=out_dtype or src.dtype, device=src.device)
     if out.numel() == 0:
         return out
     blend_u8 = blend.view(torch.uint8) if blend is not None else None
     block_c = _block_c(channels)
-    block_t = min(max(GATHER_TILE // block_c, 1), triton.next_power_of_2(num_tokens))
-    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(channels, block_c), batch)
+    block_t = min(max(GATHER_TILE // block_c, 1), triton.next_power_of_2(total))
+    grid = (triton.cdiv(total, block_t), triton.cdiv(channels, block_c), batch)
     _gather_rows_kernel[grid](
         out, out.stride(0), out.stride(1),
         src, src.stride(0), src.stride(1),
@@ -444,7 +488,7 @@ def gather_rows(src, index, *, residual=None, gate=None, cache=None, blend=None,
         blend_u8 if blend_u8 is not None else index, *_strides(blend_u8, 2),
         row_start if row_start is not None else index, *_strides(row_start, 2),
         float(mcw), 1.0 - float(mcw),
-        num_tokens, src.shape[1], channels,
+        num_tokens, num_rows, channels, prefix, total,
         HAS_RESIDUAL=residual is not None, HAS_GATE=gate is not None, GATE_FIRST=bool(gate_first),
         HAS_CACHE=cache is not None,
         HAS_BLEND=blend is not None, COUNT_SCALE=row_start is not None,
@@ -454,24 +498,26 @@ def gather_rows(src, index, *, residual=None, gate=None, cache=None, blend=None,
     return out
 
 
-def merge_mean(x, members, row_start, max_members=None):
+def merge_mean(x, members, row_start, max_members=None, prefix=0, suffix=0):
     """Segment mean: ``out[b, m] = x[b, members[b, row_start[b, m]:row_start[b, m+1]]].mean(0)``
-    (``max_members``: see ``segment_reduce``)."""
-    return segment_reduce(x, members, row_start, mean=True, max_members=max_members)
+    (``max_members``, ``prefix`` / ``suffix`` passthrough rows: see ``segment_reduce``)."""
+    return segment_reduce(x, members, row_start, mean=True, max_members=max_members, prefix=prefix, suffix=suffix)
 
 
-def prune(x, rep_token):
-    """Representative gather: ``out[b, m] = x[b, rep_token[b, m]]``."""
-    return gather_rows(x, rep_token)
+def prune(x, rep_token, prefix=0, suffix=0):
+    """Representative gather: ``out[b, m] = x[b, rep_token[b, m]]`` (passthrough rows around)."""
+    return gather_rows(x, rep_token, prefix=prefix, suffix=suffix)
 
 
-def unmerge(y, row_of_token, residual=None, gate=None, cache=None, blend=None, mcw=1.0, gate_first=False):
+def unmerge(y, row_of_token, residual=None, gate=None, cache=None, blend=None, mcw=1.0, gate_first=False,
+            prefix=0, suffix=0):
     """``residual + gate[:, None] * where(blend, mcw * v + (1 - mcw) * cache, v)``,
     ``v = y[b, row_of_token[b, t]]``; with ``gate_first`` the gate multiplies ``v`` before the
     blend (a cache of gated values): ``residual + where(blend, mcw * g v + (1 - mcw) * cache, g v)``.
-    Each term optional. Stored in ``y.dtype``."""
+    Each term optional. Stored in ``y.dtype``. ``prefix`` / ``suffix``: passthrough rows of ``y``
+    around the merged ones (``residual + gate * y`` there, see ``gather_rows``)."""
     return gather_rows(y, row_of_token, residual=residual, gate=gate, cache=cache, blend=blend, mcw=mcw,
-                       gate_first=gate_first)
+                       gate_first=gate_first, prefix=prefix, suffix=suffix)
 
 
 def merge_backward(grad, row_of_token, row_start, out_dtype=None):

@@ -146,3 +146,44 @@ def update_li(li, row_of_token, rep_token, blend, mode="mean") -> torch.Tensor:
         li = torch.zeros(row_of_token.shape, dtype=torch.int32, device=row_of_token.device)
     bumped = li.to(torch.int32) + 1
     return bumped.masked_fill(independent_tokens(row_of_token, rep_token, blend, mode), 0)
+
+
+# -- passthrough rows -----------------------------------------------------------------------------
+# A joint sequence ``[prefix rows, plan tokens, suffix rows]`` (text tokens around an image span):
+# the plan applies to the span, the rows around it pass through (merge copies them, unmerge
+# gives them the epilogue without the cache).
+
+def span_parts(t: torch.Tensor, prefix: int, suffix: int):
+    """``(head, span, tail)`` views of ``t [B, prefix + L + suffix, C]`` along dim 1."""
+    span = t.shape[1] - prefix - suffix
+    return t.narrow(1, 0, prefix), t.narrow(1, prefix, span), t.narrow(1, prefix + span, suffix)
+
+
+def join_span(head: torch.Tensor, span: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+    parts = [part for part in (head, span, tail) if part.shape[1]]
+    return torch.cat(parts, dim=1) if len(parts) != 1 else parts[0]
+
+
+def passthrough(y, residual=None, gate=None) -> torch.Tensor:
+    """The unmerge epilogue of passthrough rows, ``residual + gate[:, None] * y`` in fp32 (the
+    kernels' arithmetic), stored in ``y.dtype``."""
+    compute = _compute_dtype(y.dtype)
+    value = y.to(compute)
+    if gate is not None:
+        value = gate.to(compute).unsqueeze(1) * value
+    if residual is not None:
+        value = residual.to(compute) + value
+    return value.to(y.dtype)
+
+
+def unmerge_span(y, row_of_token, residual=None, gate=None, cache=None, blend=None, mcw=1.0,
+                 gate_first=False, trusted=False, prefix=0, suffix=0) -> torch.Tensor:
+    """``unmerge`` of the span of ``y [B, prefix + M + suffix, C]``, the rows around it passed
+    through (``residual`` full length; ``cache`` and ``blend`` cover the span's tokens)."""
+    if not prefix and not suffix:
+        return unmerge(y, row_of_token, residual, gate, cache, blend, mcw, gate_first, trusted)
+    y_head, y_span, y_tail = span_parts(y, prefix, suffix)
+    r_head, r_span, r_tail = span_parts(residual, prefix, suffix) if residual is not None else (None,) * 3
+    return join_span(passthrough(y_head, r_head, gate),
+                     unmerge(y_span, row_of_token, r_span, gate, cache, blend, mcw, gate_first, trusted),
+                     passthrough(y_tail, r_tail, gate))

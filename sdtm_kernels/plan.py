@@ -154,30 +154,45 @@ class MergePlan:
             raise ValueError(f"{name} must have shape [B, {symbol}={length}, C] for this plan, got {list(value.shape)}")
 
     # -- applying the plan ------------------------------------------------------------------
-    def merge(self, x: torch.Tensor, mode: str = "mean", backend=None) -> torch.Tensor:
+    def merge(self, x: torch.Tensor, mode: str = "mean", backend=None, *, prefix: int = 0,
+              suffix: int = 0) -> torch.Tensor:
         """``[B, N, C] -> [B, M, C]``. ``mean``: each row is the mean of its members.
-        ``prune``: each row is its representative token, ``x.gather(1, rep_token)``."""
-        self._check_length("x", x, self.num_tokens, "N")
+        ``prune``: each row is its representative token, ``x.gather(1, rep_token)``.
+        ``prefix`` / ``suffix``: ``x`` is a joint sequence ``[B, prefix + N + suffix, C]`` (e.g. text
+        tokens around the image): those rows are copied around the merged ones, in the same launch
+        on the Triton backend, ``[B, prefix + M + suffix, C]``."""
+        prefix, suffix = self._passthrough(prefix, suffix)
+        self._check_length("x", x, prefix + self.num_tokens + suffix, "prefix + N + suffix" if prefix or suffix else "N")
         if mode == "mean":
             backend = resolve_backend(backend, x.device, "merge")
             return plan_ops.plan_merge(x, self.row_of_token, self.members, self.row_start, self.num_rows, backend,
-                                       self.max_members)
+                                       self.max_members, prefix=prefix, suffix=suffix)
         if mode == "prune":
             backend = resolve_backend(backend, x.device, "prune")
-            return plan_ops.plan_prune(x, self.rep_token, backend)
+            return plan_ops.plan_prune(x, self.rep_token, backend, prefix=prefix, suffix=suffix)
         raise ValueError(f"mode must be one of {MERGE_MODES}, got {mode!r}")
 
     def unmerge(self, y, *, residual=None, gate=None, cache=None, mcw: float = 1.0, gate_first: bool = False,
-                backend=None):
+                backend=None, prefix: int = 0, suffix: int = 0):
         """``[B, M, C] -> [B, N, C]``: ``v = y.gather(1, row_of_token)``, then
         ``v = where(blend, mcw * v + (1 - mcw) * cache, v)`` when ``cache`` is given, and
         ``out = residual + gate[:, None, :] * v`` for the terms given. ``gate_first``: the gate
         multiplies ``v`` before the blend (a cache of gated values, the release's rule). Inputs
-        are not modified. One fused kernel on the Triton backend."""
-        self._check_length("y", y, self.num_rows, "M")
+        are not modified. One fused kernel on the Triton backend.
+        ``prefix`` / ``suffix``: ``y`` is ``[B, prefix + M + suffix, C]``; those rows pass through
+        (``residual + gate * y``, no cache) around the unmerged tokens: ``residual`` and the
+        result are ``[B, prefix + N + suffix, C]``, ``cache`` covers the plan's N tokens."""
+        prefix, suffix = self._passthrough(prefix, suffix)
+        self._check_length("y", y, prefix + self.num_rows + suffix, "prefix + M + suffix" if prefix or suffix else "M")
         backend = resolve_backend(backend, y.device, "unmerge")
         return plan_ops.plan_unmerge(y, self.row_of_token, residual, gate, cache, self.blend, mcw, bool(gate_first),
-                                     backend)
+                                     backend, prefix=prefix, suffix=suffix)
+
+    @staticmethod
+    def _passthrough(prefix, suffix):
+        if type(prefix) is int and type(suffix) is int and prefix == suffix == 0:  # the common case, no check calls
+            return 0, 0
+        return check_int("prefix", prefix, minimum=0), check_int("suffix", suffix, minimum=0)
 
     def update_li(self, li: Optional[torch.Tensor] = None, mode: str = "mean") -> torch.Tensor:
         """New frequency counter (SPEC 3.4): ``li + 1``, reset to 0 on tokens computed

@@ -270,6 +270,16 @@ def _drive(recorder, quick=False):
         section(f"ops.unmerge strided y {dtype} C={channels}")
         y = tokens(b, channels, m, dtype).transpose(1, 2)
         plan.unmerge(y, backend=T)
+        # passthrough rows around the plan's span (Flux single blocks: the text rows), eager path
+        for prefix, suffix in ((1, 0), (7, 0), (0, 16), (5, 3)):
+            section(f"MergePlan merge / unmerge passthrough {dtype} C={channels} prefix={prefix} suffix={suffix}")
+            with torch.no_grad():
+                x = tokens(b, prefix + n + suffix, channels, dtype)
+                for mode in ("mean", "prune"):
+                    plan.merge(x, mode=mode, backend=T, prefix=prefix, suffix=suffix)
+                y = tokens(b, prefix + m + suffix, channels, dtype)
+                plan.unmerge(y, residual=x, gate=tokens(1, b, channels)[0], cache=tokens(b, n, channels, dtype),
+                             mcw=0.3, gate_first=True, backend=T, prefix=prefix, suffix=suffix)
 
     # -- attention received by image tokens (prompt queries x all joint keys) -----------------
     for dtype, head_dim, (num_q, num_k) in itertools.product(floats, (16, 64, 128), ((7, 40), (77, 300))):

@@ -13,10 +13,10 @@ chunk pass that spreads long rows over many programs; SSM rows are at most one w
 merges skip it), 1 unmerge). The random dst positions of a whole step are one draw per call,
 outside the blocks. Flux, counted per block type: double blocks 5 (SSM; the batch mean of the
 shared-plan metric, only with batch > 1, and the rotary gather, one launch into a per-call buffer
-that holds the text entries) and 7 (IDM); single blocks 8 (SSM) and 10 (IDM: the budget is not
-met yet: its MLP branch runs on ``[text, merged image rows]``, one join, and the attention half
-of ``proj_out`` is applied apart, one more launch than the stock fused projection).
-``BUDGET`` holds each type to its count.
+that holds the text entries) and 7 (IDM); single blocks 6 (SSM) and 8 (IDM): the text rows of the
+joint sequence pass through the merge and the unmerge (``prefix``: no join, no separate text
+epilogue); on IDM steps the attention half of ``proj_out`` is applied apart (its residual add is
+one launch more than the stock fused projection). ``BUDGET`` holds each type to the budget.
 """
 import pytest
 
@@ -28,10 +28,9 @@ from sdtm_kernels.dit import get_state  # noqa: E402
 
 from test_dit_diffusers import TIMESTEPS, build  # noqa: E402
 
-# (family, block type) -> (SSM, IDM) launches added per merged block; flux single IDM: a regression
-# guard, not yet the issue's budget of 8 (module docstring)
+# (family, block type) -> (SSM, IDM) launches added per merged block: the issue's budget of 8
 BUDGET = {("sd3", "JointTransformerBlock"): (8, 8), ("flux", "FluxTransformerBlock"): (8, 8),
-          ("flux", "FluxSingleTransformerBlock"): (8, 10)}
+          ("flux", "FluxSingleTransformerBlock"): (8, 8)}
 STEPS = TIMESTEPS[:4]  # protected (cache written), SSM with the cache, IDM with the cache, protected
 PER_CALL = 2  # outside the blocks: the pre-hook's timestep read (a host scalar) and the step's dst draw
 

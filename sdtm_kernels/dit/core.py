@@ -75,13 +75,15 @@ class BlockContext:
     def note(self, sublayer: str, tokens: int):
         self.record[sublayer] = tokens
 
-    def merge(self, sublayer: str, x: torch.Tensor) -> torch.Tensor:
-        """``x`` [B, N, C] -> the rows ``sublayer`` runs on ([B, M, C] when merging, else ``x``)."""
+    def merge(self, sublayer: str, x: torch.Tensor, prefix: int = 0, suffix: int = 0) -> torch.Tensor:
+        """``x`` [B, N, C] -> the rows ``sublayer`` runs on ([B, M, C] when merging, else ``x``).
+        ``prefix`` / ``suffix``: ``x`` is a joint sequence with that many rows (text tokens) before
+        and after the image tokens; they are kept, in the same launch as the merge."""
         if self.merges(sublayer):
             self.note(sublayer, self.plan.num_rows)
             cfg = self.state.config
-            return self.plan.merge(x, mode=cfg.merge_mode, backend=cfg.backend)
-        self.note(sublayer, x.shape[1])
+            return self.plan.merge(x, mode=cfg.merge_mode, backend=cfg.backend, prefix=prefix, suffix=suffix)
+        self.note(sublayer, x.shape[1] - prefix - suffix)
         return x
 
     def unmerge(self, sublayer: str, y: torch.Tensor) -> torch.Tensor:
@@ -91,7 +93,7 @@ class BlockContext:
         return y
 
     def finish(self, sublayer: str, y: torch.Tensor, residual: torch.Tensor, gate=None,
-               cache_names=None, residual_first: bool = True) -> torch.Tensor:
+               cache_names=None, residual_first: bool = True, prefix: int = 0, suffix: int = 0) -> torch.Tensor:
         """``residual + gate * value`` at full length, ``value`` unmerged from ``y``.
 
         ``gate`` is ``[B, C]``, ``[B, 1, C]`` or None. With a cache (non-protected steps after a
@@ -104,13 +106,18 @@ class BlockContext:
         ``gate * y + residual`` with ``residual_first=False`` (diffusers' ``BasicTransformerBlock``),
         bit for bit. Merged, the result has the dtype of that expression (type promotion of
         ``gate``, ``y`` and ``residual``), whatever autocast made ``y``.
+
+        ``prefix`` / ``suffix``: ``y`` and ``residual`` are joint sequences with that many rows
+        around the image tokens (``[B, gate]`` gates only): those rows get ``residual + gate * y``
+        in the same launch; caches cover the image tokens.
         """
         if self.merges(sublayer):
             cfg = self.state.config
             gate2 = None if gate is None else gate.reshape(gate.shape[0], gate.shape[-1])
             # The cache holds the protected step's ``gate * value``: the gated dtype, which is not
             # the residual's when autocast makes ``y`` bf16 under an fp32 gate.
-            like = _like(residual, y.dtype if gate is None else torch.promote_types(gate.dtype, y.dtype))
+            span = residual if not (prefix or suffix) else residual.narrow(1, prefix, self.num_tokens)
+            like = _like(span, y.dtype if gate is None else torch.promote_types(gate.dtype, y.dtype))
             cache = None
             for name in cache_names or (sublayer,):
                 part = self.state.get_cache(self.slot, name, like)
@@ -118,10 +125,11 @@ class BlockContext:
                     cache = None
                     break
                 cache = part if cache is None else cache + part
-            return unmerge_sublayer(self.plan, y, residual, gate2, cache, cfg.mcw, cfg.backend)
+            return unmerge_sublayer(self.plan, y, residual, gate2, cache, cfg.mcw, cfg.backend, prefix, suffix)
         gated = y if gate is None else gate_times(gate, y)
         if self.mode == "protected":
-            self.state.set_cache(self.slot, sublayer, gated)
+            self.state.set_cache(self.slot, sublayer, gated.narrow(1, prefix, gated.shape[1] - prefix - suffix)
+                                 if prefix or suffix else gated)
         return residual + gated if residual_first else gated + residual
 
 
@@ -225,7 +233,8 @@ def block_context(state: Optional[SDTMState], layer, metric: torch.Tensor, *, sh
     return ctx
 
 
-def unmerge_sublayer(plan, y, residual, gate=None, cache=None, mcw: float = 1.0, backend=None):
+def unmerge_sublayer(plan, y, residual, gate=None, cache=None, mcw: float = 1.0, backend=None, prefix: int = 0,
+                     suffix: int = 0):
     """``residual + unmerge(gate * y)`` (``gate`` ``[B, C]`` or None) with the gated-cache blend
     when ``cache`` (the full-length ``gate * value``) is given. The result has the dtype of the
     stock ``residual + gate * value`` (type promotion of the three: under autocast ``y`` is bf16
@@ -234,10 +243,11 @@ def unmerge_sublayer(plan, y, residual, gate=None, cache=None, mcw: float = 1.0,
     out_dtype = torch.promote_types(gated_dtype, residual.dtype)
     residual = residual.to(out_dtype)
     if cache is None:
-        return plan.unmerge(y.to(out_dtype), residual=residual, gate=gate, backend=backend)
+        return plan.unmerge(y.to(out_dtype), residual=residual, gate=gate, backend=backend, prefix=prefix,
+                            suffix=suffix)
     # The cache holds gated values: one fused pass gates the gathered rows, then blends.
     return plan.unmerge(y.to(out_dtype), residual=residual, gate=gate, cache=cache.to(out_dtype), mcw=mcw,
-                        gate_first=True, backend=backend)
+                        gate_first=True, backend=backend, prefix=prefix, suffix=suffix)
 
 
 def run_merged(plan, fn, inp, residual, gate=None, cache=None, mcw: float = 1.0, mode: str = "mean",

@@ -102,8 +102,8 @@ def double_forward(self, hidden_states, encoder_hidden_states, temb, image_rotar
 
 
 def _single(self, hidden_states, text_len, temb, image_rotary_emb, joint_attention_kwargs):
-    """The single block on the joint ``[text, image]`` sequence; returns the text and the image
-    output (merged steps compute them apart: no join launch; views of one output otherwise).
+    """The single block on the joint ``[text, image]`` sequence; returns its joint output (merged
+    steps: the text rows pass through the merge and the unmerge, no join launch).
 
     The attention and MLP branches share one input and one output projection
     ``proj_out(cat[attn, mlp]) = W_a @ attn + W_m @ mlp + b``. Caches: "attn" holds
@@ -129,7 +129,7 @@ def _single(self, hidden_states, text_len, temb, image_rotary_emb, joint_attenti
     gate_b = gate.unsqueeze(1)
 
     if ctx.merges("attn"):  # SSM: both branches on [text, merged image rows]
-        rows = torch.cat([norm_hidden_states[:, :text_len], ctx.merge("attn", image_norm)], dim=1)
+        rows = ctx.merge("attn", norm_hidden_states, prefix=text_len)  # the text rows pass through
         ctx.note("mlp", ctx.num_rows)
         mlp_hidden_states = self.act_mlp(self.proj_mlp(rows))
         rotary = gather_rotary(ctx, "attn", image_rotary_emb, text_len)
@@ -140,10 +140,9 @@ def _single(self, hidden_states, text_len, temb, image_rotary_emb, joint_attenti
         else:
             attn_output = self.attn(hidden_states=rows, image_rotary_emb=rotary, **joint_attention_kwargs)
         out = self.proj_out(torch.cat([attn_output, mlp_hidden_states], dim=2))
-        text_out = torch.addcmul(residual[:, :text_len], gate_b, out[:, :text_len])  # one launch
-        image_out = ctx.finish("attn", out[:, text_len:], residual=residual[:, text_len:], gate=gate,
-                               cache_names=("attn", "mlp"))
-        return _clip_fp16(text_out), _clip_fp16(image_out)
+        hidden_states = ctx.finish("attn", out, residual=residual, gate=gate, cache_names=("attn", "mlp"),
+                                   prefix=text_len)  # text rows: residual + gate * out, in the same launch
+        return _clip_fp16(hidden_states)
     elif ctx.merges("mlp"):  # IDM: attention at full length, MLP branch on [text, merged image rows]
         if own:
             key_bias = prompt_key_bias(ctx, text_len, ctx.num_tokens, norm_hidden_states.shape[0], False,
@@ -157,11 +156,9 @@ def _single(self, hidden_states, text_len, temb, image_rotary_emb, joint_attenti
         # residual + gate * (W_a attn + b) for every token, then the MLP half: text rows directly,
         # image rows merged (one MLP pass over [text, merged image rows])
         with_attn = torch.addcmul(residual, gate_b, F.linear(attn_output, w_attn, bias))
-        rows = torch.cat([norm_hidden_states[:, :text_len], ctx.merge("mlp", image_norm)], dim=1)
+        rows = ctx.merge("mlp", norm_hidden_states, prefix=text_len)
         mlp_out = F.linear(self.act_mlp(self.proj_mlp(rows)), w_mlp)
-        text_out = torch.addcmul(with_attn[:, :text_len], gate_b, mlp_out[:, :text_len])
-        image_out = ctx.finish("mlp", mlp_out[:, text_len:], residual=with_attn[:, text_len:], gate=gate)
-        return _clip_fp16(text_out), _clip_fp16(image_out)
+        return _clip_fp16(ctx.finish("mlp", mlp_out, residual=with_attn, gate=gate, prefix=text_len))
     else:  # exact (diffusers' computation); protected steps also split the image output for the cache
         ctx.note("attn", ctx.num_tokens)
         ctx.note("mlp", ctx.num_tokens)
@@ -180,8 +177,7 @@ def _single(self, hidden_states, text_len, temb, image_rotary_emb, joint_attenti
             mlp_part = gate_b * F.linear(mlp_hidden_states[:, text_len:], weight[:, attn_dim:])
             state.set_cache(ctx.slot, "mlp", mlp_part)
             state.set_cache(ctx.slot, "attn", out[:, text_len:] - mlp_part)
-        hidden_states = _clip_fp16(residual + out)
-    return hidden_states[:, :text_len], hidden_states[:, text_len:]
+    return _clip_fp16(residual + out)
 
 
 def _clip_fp16(x):
@@ -193,7 +189,8 @@ def single_forward(self, hidden_states, encoder_hidden_states, temb, image_rotar
     """diffusers >= 0.35 signature: two streams in, two streams out."""
     text_len = encoder_hidden_states.shape[1]
     joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-    return _single(self, joint, text_len, temb, image_rotary_emb, joint_attention_kwargs)
+    out = _single(self, joint, text_len, temb, image_rotary_emb, joint_attention_kwargs)
+    return out[:, :text_len], out[:, text_len:]
 
 
 def single_forward_joint(self, hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
@@ -203,8 +200,7 @@ def single_forward_joint(self, hidden_states, temb, image_rotary_emb=None, joint
     text_len = getattr(state, "text_len", None)
     if text_len is None:  # no step context: nothing is merged, any split is fine
         text_len = 0
-    text_out, image_out = _single(self, hidden_states, text_len, temb, image_rotary_emb, joint_attention_kwargs)
-    return torch.cat([text_out, image_out], dim=1)
+    return _single(self, hidden_states, text_len, temb, image_rotary_emb, joint_attention_kwargs)
 
 
 def single_forward_for(cls):

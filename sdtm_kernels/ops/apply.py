@@ -174,36 +174,68 @@ def _check_plan_input(x, index):
     check_same_device("x", x, "the plan", index)
 
 
-def plan_merge(x, row_of_token, members, row_start, num_rows: int, backend: str, max_members=None):
+def _spanned(fn, x, prefix, suffix):
+    """``fn`` on the span of ``x`` between ``prefix`` and ``suffix`` rows, which pass through."""
+    head, span, tail = ref.span_parts(x, prefix, suffix)
+    return ref.join_span(head, fn(span), tail)
+
+
+def plan_merge(x, row_of_token, members, row_start, num_rows: int, backend: str, max_members=None,
+               prefix: int = 0, suffix: int = 0):
     """``merge`` for a trusted plan (resolved ``backend``; only ``x`` is checked). ``max_members``:
-    a bound on the plan's row sizes (SSM plans: the window size), which spares the long-row pass."""
+    a bound on the plan's row sizes (SSM plans: the window size), which spares the long-row pass.
+    ``prefix`` / ``suffix``: rows of ``x`` before and after the plan's tokens, copied through."""
     _check_plan_input(x, row_of_token)
+    if backend != "reference" and _direct(x):  # one launch for the joint sequence
+        return _merge_kernels().merge_mean(x, members, row_start, max_members=max_members, prefix=prefix,
+                                           suffix=suffix)
+    if prefix or suffix:
+        return _spanned(lambda span: plan_merge(span, row_of_token, members, row_start, num_rows, backend,
+                                                max_members), x, prefix, suffix)
     if backend == "reference":  # a consistent plan: one scatter by row (members / row_start agree)
         return ref.merge_mean(x, row_of_token, num_rows)
-    if _direct(x):
-        return _merge_kernels().merge_mean(x, members, row_start, max_members=max_members)
     return torch.ops.sdtm.merge(x, row_of_token, members, row_start, num_rows, backend)
 
 
-def plan_prune(x, rep_token, backend: str):
+def plan_prune(x, rep_token, backend: str, prefix: int = 0, suffix: int = 0):
     """``prune`` for a trusted plan (resolved ``backend``; only ``x`` is checked)."""
     _check_plan_input(x, rep_token)
+    if backend != "reference" and _direct(x):
+        return _merge_kernels().prune(x, rep_token, prefix=prefix, suffix=suffix)
+    if prefix or suffix:
+        return _spanned(lambda span: plan_prune(span, rep_token, backend), x, prefix, suffix)
     if backend == "reference":
         return ref.prune(x, rep_token)
-    if _direct(x):
-        return _merge_kernels().prune(x, rep_token)
     return torch.ops.sdtm.prune(x, rep_token, backend)
 
 
-def plan_unmerge(y, row_of_token, residual, gate, cache, blend, mcw, gate_first, backend: str):
-    """``unmerge`` for a trusted plan: the plan tensors' values are not checked again."""
+def plan_unmerge(y, row_of_token, residual, gate, cache, blend, mcw, gate_first, backend: str,
+                 prefix: int = 0, suffix: int = 0):
+    """``unmerge`` for a trusted plan: the plan tensors' values are not checked again. ``prefix`` /
+    ``suffix``: rows of ``y`` (and ``residual``) around the plan's rows, which take
+    ``residual + gate * y`` and no cache."""
     if y.dim() != 3 or y.shape[0] != row_of_token.shape[0]:
         raise ValueError(f"y must have shape [B={row_of_token.shape[0]}, M, C], got {list(y.shape)}")
-    mcw = _check_unmerge_args(y, row_of_token, residual, gate, cache, None, mcw, check_values=False)
+    span_y, span_residual = y, residual
+    if prefix or suffix:
+        num_tokens = row_of_token.shape[1]
+        if residual is not None and (residual.dim() != 3 or residual.shape[1] != prefix + num_tokens + suffix):
+            raise ValueError(f"residual must have shape [B, prefix + N + suffix = {prefix + num_tokens + suffix}, C], "
+                             f"got {list(residual.shape)}")
+        if y.shape[1] < prefix + suffix:
+            raise ValueError(f"y has {y.shape[1]} rows, fewer than prefix + suffix = {prefix + suffix}")
+        span_y = y.narrow(1, prefix, y.shape[1] - prefix - suffix)
+        span_residual = None if residual is None else residual.narrow(1, prefix, num_tokens)
+    mcw = _check_unmerge_args(span_y, row_of_token, span_residual, gate, cache, None, mcw, check_values=False)
     if backend == "reference":
-        return ref.unmerge(y, row_of_token, residual=residual, gate=gate, cache=cache, blend=blend, mcw=mcw,
-                           gate_first=gate_first, trusted=True)
+        return ref.unmerge_span(y, row_of_token, residual=residual, gate=gate, cache=cache, blend=blend, mcw=mcw,
+                                gate_first=gate_first, trusted=True, prefix=prefix, suffix=suffix)
     if _direct(y, residual, gate, cache):
         return _merge_kernels().unmerge(y, row_of_token, residual=residual, gate=gate, cache=cache, blend=blend,
-                                        mcw=mcw, gate_first=gate_first)
+                                        mcw=mcw, gate_first=gate_first, prefix=prefix, suffix=suffix)
+    if prefix or suffix:
+        y_head, y_span, y_tail = ref.span_parts(y, prefix, suffix)
+        r_head, r_span, r_tail = ref.span_parts(residual, prefix, suffix) if residual is not None else (None,) * 3
+        span = torch.ops.sdtm.unmerge(y_span, row_of_token, r_span, gate, cache, blend, mcw, gate_first, backend)
+        return ref.join_span(ref.passthrough(y_head, r_head, gate), span, ref.passthrough(y_tail, r_tail, gate))
     return torch.ops.sdtm.unmerge(y, row_of_token, residual, gate, cache, blend, mcw, gate_first, backend)
