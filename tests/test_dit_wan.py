@@ -419,3 +419,29 @@ def test_wan22_second_expert_is_patched_with_the_pipeline_steps():
     assert not sdtm_hooked(low) and not sdtm_hooked(high)
     for a, b in zip(ref, pipe(num_inference_steps=5)):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_wan22_apply_is_all_or_nothing():
+    """A second expert SDTM cannot patch leaves the whole pipeline unpatched (not half of it)."""
+    high, run_high = build_wan("t2v", layers=1, seed=0)
+    pipe = FakeWan22Pipeline(high, run_high.call, torch.nn.Linear(4, 4), run_high.call, boundary=2)
+    with pytest.raises(TypeError, match="no block SDTM supports"):
+        sk.apply_sdtm(pipe, ratio=0.5)
+    assert not sdtm_hooked(high) and get_state(high) is None
+    assert type(pipe) is FakeWan22Pipeline  # the pipeline's class is not swapped either
+
+
+def test_wan22_pipeline_with_only_the_second_expert():
+    """``transformer=None`` (Wan 2.2 loaded with its low-noise expert only): that expert is the one
+    patched, counting the pipeline's steps."""
+    low, run_low = build_wan("t2v", layers=1, seed=1)
+    pipe = FakeWan22Pipeline(None, None, low, run_low.call, boundary=0)
+    ref = pipe(num_inference_steps=4)
+    sk.apply_sdtm(pipe, ratio=0.5, deviation=0.1, switch_step=2, protect_steps=3)
+    assert sdtm_hooked(low) and get_state(pipe) is get_state(low)
+    out = pipe(num_inference_steps=4)
+    assert [(r["step"], r["mode"]) for r in get_state(low).stats] == [
+        (0, "protected"), (1, "ssm"), (2, "ssm"), (3, "protected")]
+    torch.testing.assert_close(out[0], ref[0], rtol=0, atol=0)
+    sk.remove_sdtm(pipe)
+    assert not sdtm_hooked(low)

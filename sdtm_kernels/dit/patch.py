@@ -34,6 +34,7 @@ A patched model pickles with its hooks (``pickle`` / ``torch.save`` / ``copy.dee
 settings travel, the generation state does not); the pipeline's generated class pickles as its
 original class and is re-created on load.
 """
+import dataclasses
 import weakref
 
 import torch
@@ -258,6 +259,9 @@ def _split(pipe_or_model):
     transformer = getattr(pipe_or_model, "transformer", None)
     if isinstance(transformer, torch.nn.Module):
         return pipe_or_model, _unwrap(transformer)
+    second = getattr(pipe_or_model, "transformer_2", None)
+    if transformer is None and isinstance(second, torch.nn.Module):  # Wan 2.2 loaded with one expert
+        return pipe_or_model, _unwrap(second)
     raise TypeError(
         "apply_sdtm expects a diffusers pipeline with a .transformer or a transformer module, "
         f"got {type(pipe_or_model).__name__}"
@@ -327,9 +331,20 @@ def apply_sdtm(pipe_or_model, *, preset=_UNSET, ratio=_UNSET, deviation=_UNSET, 
     explicit = {name: value for name, value in given.items() if value is not _UNSET}
     pipe, model = _split(pipe_or_model)
     others = _other_transformers(pipe)
-    _apply_model(model, pipe, preset, explicit, transformers=1 + len(others))
-    for other in others:  # Wan 2.2 A14B's second expert: its own state, the pipeline's step indices
-        _apply_model(other, pipe, preset, explicit, transformers=1 + len(others)).global_steps = True
+    # Every transformer is checked before any is patched: a failure leaves the pipeline as it was.
+    prepared = [_prepare_model(t, pipe, preset, explicit) for t in [model] + others]
+    installed = []
+    try:
+        for index, (transformer, plan) in enumerate(zip([model] + others, prepared)):
+            state = _install_model(transformer, plan, transformers=len(prepared))
+            installed.append(transformer)
+            if index or (pipe is not None and _unwrap(getattr(pipe, "transformer_2", None)) is transformer):
+                state.global_steps = True  # Wan 2.2 A14B's second expert: the pipeline's step indices
+    except BaseException:
+        for transformer, plan in zip(installed, prepared):
+            if plan.fresh:
+                remove_sdtm(transformer)
+        raise
     if pipe is not None and getattr(type(pipe), "_sdtm_original_class", None) is None:
         from .pipelines import pipeline_subclass
 
@@ -340,12 +355,29 @@ def apply_sdtm(pipe_or_model, *, preset=_UNSET, ratio=_UNSET, deviation=_UNSET, 
 def _other_transformers(pipe):
     """The transformers of a pipeline that take turns with ``pipe.transformer`` (Wan 2.2 A14B's
     ``transformer_2`` for the low-noise steps); each gets its own state (caches, ``li``)."""
-    other = None if pipe is None else getattr(pipe, "transformer_2", None)
+    if pipe is None or not isinstance(getattr(pipe, "transformer", None), torch.nn.Module):
+        return []  # no pipe.transformer: transformer_2, if any, is the one (_split)
+    other = getattr(pipe, "transformer_2", None)
     return [_unwrap(other)] if isinstance(other, torch.nn.Module) else []
 
 
-def _apply_model(model, pipe, preset, explicit, transformers=1):
-    """``apply_sdtm`` on one transformer; returns its state."""
+@dataclasses.dataclass
+class _Prepared:
+    """What ``apply_sdtm`` will do to one transformer, checked before anything changes."""
+    hook: object
+    state: object
+    request: tuple
+    config: object
+    blocks: list
+    described_grid: object
+
+    @property
+    def fresh(self) -> bool:
+        return self.hook is None
+
+
+def _prepare_model(model, pipe, preset, explicit) -> _Prepared:
+    """The settings and blocks of ``apply_sdtm`` on one transformer, every check done; changes nothing."""
     hook = _transformer_hook(model)
     state = None if hook is None else hook.state
     previous = getattr(state, "request", None)
@@ -366,9 +398,17 @@ def _apply_model(model, pipe, preset, explicit, transformers=1):
 
     described_grid = describe.grid_reader(block for block, _ in blocks)  # describe_block(..., grid=)
     _check_joint_attention(config, model, blocks)
+    _hooks().check_combinations(model, [block for block, _ in blocks], config)
+    return _Prepared(hook, state, request, config, blocks, described_grid)
+
+
+def _install_model(model, prepared: _Prepared, transformers=1):
+    """Patch one transformer as ``prepared`` says; returns its state."""
+    from . import describe
+
     hooks = _hooks()
-    hooks.check_combinations(model, [block for block, _ in blocks], config)
-    fresh = hook is None
+    state, config, request, blocks = prepared.state, prepared.config, prepared.request, prepared.blocks
+    described_grid, fresh = prepared.described_grid, prepared.fresh
     try:
         if fresh:
             state = SDTMState(config, num_layers=len(blocks))

@@ -73,10 +73,13 @@ _MISSING = object()
 
 
 def _pipeline_call(self, *args, **kwargs):
-    from .patch import _other_transformers, _transformer_hook, _unwrap
+    from .patch import _other_transformers, _split, _transformer_hook
 
     original = type(self)._sdtm_original_class
-    transformers = [_unwrap(getattr(self, "transformer", None))] + _other_transformers(self)
+    try:
+        transformers = [_split(self)[1]] + _other_transformers(self)
+    except TypeError:  # the transformers were removed from the pipeline since apply_sdtm
+        transformers = []
     patched = [(t, h) for t in transformers if t is not None and (h := _transformer_hook(t)) is not None]
     if not patched:
         return original.__call__(self, *args, **kwargs)
