@@ -410,6 +410,10 @@ def test_wan22_second_expert_is_patched_with_the_pipeline_steps():
     # first step is protected (it has no cache of its own yet)
     assert [(r["step"], r["mode"]) for r in low_stats] == [(2, "protected"), (3, "protected"), (4, "idm")]
     assert get_state(low) is not get_state(high)  # own caches and li
+    report = sk.dit.summary(pipe)  # both experts, each with its own steps
+    assert [row["step"] for row in report.steps] == [0, 1]
+    assert len(report.experts) == 1 and [row["step"] for row in report.experts[0].steps] == [2, 3, 4]
+    assert "transformer_2:" in str(report)
     reset_sdtm(pipe, num_steps=5)  # a new generation for both experts
     assert get_state(low).stats == [] and get_state(high).stats == []
     out = pipe(num_inference_steps=5)

@@ -29,6 +29,8 @@ class Summary:
                      prompt tokens and modulation counted, embeddings not)
     warnings         what looks wrong (a stage that never ran, no merged step, unreadable grid, ...)
     notes            informational lines (blocks skipped by a cache hook, ...)
+    experts          a pipeline's other transformers (Wan 2.2 A14B's ``transformer_2``): their
+                     ``Summary``, same fields
     """
 
     patched: dict
@@ -45,6 +47,7 @@ class Summary:
     flop_saving: float = None
     warnings: list = dataclasses.field(default_factory=list)
     notes: list = dataclasses.field(default_factory=list)
+    experts: list = dataclasses.field(default_factory=list)
 
     def as_dict(self):
         return dataclasses.asdict(self)
@@ -82,6 +85,9 @@ class Summary:
                 lines.append(f"  estimated block FLOPs saved: {100 * self.flop_saving:.1f}%")
         for note in self.notes:
             lines.append(f"note: {note}")
+        for index, expert in enumerate(self.experts, start=2):
+            lines.append(f"transformer_{index}:")
+            lines.extend("  " + line for line in str(expert).splitlines())
         for warning in self.warnings:
             lines.append(f"WARNING: {warning}")
         return "\n".join(lines)
@@ -95,9 +101,17 @@ def _split(pipe_or_model):
 
 def summary(pipe_or_model) -> Summary:
     """Summarise SDTM on a pipeline or transformer (patched or not): see ``Summary``."""
+    from .patch import _other_transformers
+
+    pipe, model = _split(pipe_or_model)
+    result = _summary(model)
+    result.experts = [_summary(other) for other in _other_transformers(pipe)]
+    return result
+
+
+def _summary(model) -> Summary:
     from .patch import _transformer_hook
 
-    _, model = _split(pipe_or_model)
     hook = _transformer_hook(model)
     state = None if hook is None else hook.state
     blocks = [m for m in model.modules() if _sdtm_block_hook(m) is not None]
