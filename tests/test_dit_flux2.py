@@ -11,6 +11,7 @@ flux2_module = pytest.importorskip("diffusers.models.transformers.transformer_fl
 
 import sdtm_kernels as sk  # noqa: E402
 from reference import schedule as ref_schedule  # noqa: E402
+from sdtm_kernels.bench.launches import count_launches, per_block_added  # noqa: E402
 from sdtm_kernels.dit import flux2 as sdtm_flux2  # noqa: E402
 from sdtm_kernels.dit import get_state, reset_sdtm  # noqa: E402
 
@@ -97,7 +98,8 @@ def test_exact_when_off_or_removed_and_schedule_when_merging(references):
     for rec in state.stats:
         if rec.get("plan") is not None:  # one plan shared by the batch, over the generated tokens only
             assert rec["plan"].num_tokens == N and torch.equal(rec["plan"].row_of_token[0], rec["plan"].row_of_token[1])
-    assert {(layer, name) for _, layer, name in state.cache} == {(0, "attn"), (0, "mlp"), (1, "attn"), (1, "mlp")}
+    # double block: per sub-layer; single block: its whole gated output and the MLP half
+    assert {(layer, name) for _, layer, name in state.cache} == {(0, "attn"), (0, "mlp"), (1, "parallel"), (1, "mlp")}
     assert all(tuple(v.shape) == (B, N, 32) for v in state.cache.values())  # generated tokens only
 
     sk.remove_sdtm(model)
@@ -285,3 +287,37 @@ def test_single_block_two_stream_call_and_paper_options():
     assert sdtm_flux2.reference_prefix({"kv_cache_mode": "extract", "num_ref_tokens": 3}) == 3
     with pytest.raises(ValueError, match="num_ref_tokens"):
         sdtm_flux2.reference_prefix({"kv_cache_mode": "extract", "num_ref_tokens": -1})
+
+
+# -- kernel launches SDTM adds per merged block (Triton backend, batch 2; the issue's budget: 8) --------
+# The text rows and the reference tokens pass through the merge and the unmerge. The per-call work falls
+# into the double block (the first): the rotary stack, one copy per fixed part of its gather buffer
+# (text, references). Single block IDM, 9 = batch-mean metric 1 + plan 5 + merge 2 + unmerge 1 + one
+# matmul more: the fused ``to_qkv_mlp_proj`` runs as two (q, k, v over every token, the MLP columns over
+# the merged rows; the split ``to_out``'s two matmuls replace the stock join).
+LAUNCHES = {  # references: {block type: (SSM, IDM)}
+    (): {"Flux2TransformerBlock": (7, 7), "Flux2SingleTransformerBlock": (5, 9)},
+    ((4, 4),): {"Flux2TransformerBlock": (8, 7), "Flux2SingleTransformerBlock": (5, 9)},
+}
+
+
+@pytest.mark.parametrize("references", list(LAUNCHES))
+def test_launches_added_per_merged_block(references):
+    """Counted as ``benchmarks/launch_counts.py`` does: patched minus unpatched launches inside the blocks
+    of a type, per block, at an SSM and an IDM step after a protected one (each type reruns the three)."""
+    model, run = build_flux2(height=8, width=8, references=references)
+    steps = TIMESTEPS[:3]
+    by_type = {name: [m for m in model.modules() if type(m).__name__ == name] for name in LAUNCHES[references]}
+
+    def count(t, blocks):
+        return count_launches(run, [t], blocks=blocks)[2]
+
+    stock = {name: [count(t, blocks) for t in steps[1:]] for name, blocks in by_type.items()}
+    sk.apply_sdtm(model, ratio=0.8, deviation=0.0, switch_step=1, protect_steps=3, num_steps=3, backend="triton")
+    for name, blocks in by_type.items():
+        run(steps[:1])  # protected: the caches the merged steps blend
+        added = [per_block_added(count(t, blocks), before, len(blocks)) for t, before in zip(steps[1:], stock[name])]
+        modes = [{r["mode"] for r in get_state(model).stats if r["step"] == step} for step in range(3)]
+        assert modes == [{"protected"}, {"ssm"}, {"idm"}]
+        assert tuple(n for n, _ in added) == LAUNCHES[references][name], f"{name}: {[dict(ops) for _, ops in added]}"
+        assert not any(op.startswith(("aten::item", "aten::equal")) for _, ops in added for op in ops)  # no host sync

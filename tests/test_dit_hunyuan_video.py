@@ -12,6 +12,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers.models.transformers import transformer_hunyuan_video as diffusers_hv  # noqa: E402
 
 import sdtm_kernels as sk  # noqa: E402
+from sdtm_kernels.bench.launches import count_launches, per_block_added  # noqa: E402
 from sdtm_kernels.dit import get_state  # noqa: E402
 from sdtm_kernels.dit import hunyuan_video as hv  # noqa: E402
 from sdtm_kernels.dit.config import make_config  # noqa: E402
@@ -202,6 +203,39 @@ def test_patched_blocks_read_no_tensor_value_on_the_host(kind):
     assert seen == []
 
 
+# -- kernel launches SDTM adds per merged block (Triton backend, batch 2; the issue's budget: 8) --------
+# Per-call work falls into the double block (the first): the rotary stack, the mask buffer's fixed
+# entries, on SSM steps a dense copy of the patch embedding's channel-major stream (t2v: 6 in later blocks).
+LAUNCHES = {  # kind: {block type: (SSM, IDM)}
+    "t2v": {"HunyuanVideoTransformerBlock": (9, 7), "HunyuanVideoSingleTransformerBlock": (6, 8)},
+    "token_replace": {"HunyuanVideoTokenReplaceTransformerBlock": (7, 5),
+                      "HunyuanVideoTokenReplaceSingleTransformerBlock": (5, 8)},
+}
+
+
+@pytest.mark.parametrize("kind", list(LAUNCHES))
+def test_launches_added_per_merged_block(kind):
+    """As ``benchmarks/launch_counts.py`` counts: patched minus unpatched, per block of a type, at an SSM
+    and an IDM step after a protected one (each type reruns the three)."""
+    model, run = build_hunyuan(kind)
+    frames, steps = 1 + (kind == "token_replace"), TIMESTEPS[:3]  # one merged 8x8 frame: the interpreter is slow
+    by_type = {name: [m for m in model.modules() if type(m).__name__ == name] for name in LAUNCHES[kind]}
+
+    def count(t, blocks):
+        return count_launches(run, [t], blocks=blocks, frames=frames)[2]
+
+    stock = {name: [count(t, blocks) for t in steps[1:]] for name, blocks in by_type.items()}
+    sk.apply_sdtm(model, ratio=0.8, deviation=0.0, switch_step=1, protect_steps=3, num_steps=3, ratio_levels=0,
+                  backend="triton")
+    for name, blocks in by_type.items():
+        run(steps[:1], frames=frames)  # protected: the caches the merged steps blend
+        added = [per_block_added(count(t, blocks), before, len(blocks)) for t, before in zip(steps[1:], stock[name])]
+        modes = [{r["mode"] for r in get_state(model).stats if r["step"] == step} for step in range(3)]
+        assert modes == [{"protected"}, {"ssm"}, {"idm"}]
+        assert tuple(n for n, _ in added) == LAUNCHES[kind][name], f"{name}: {[dict(ops) for _, ops in added]}"
+        assert not any(op.startswith(("aten::item", "aten::equal")) for _, ops in added for op in ops)  # no host sync
+
+
 # -- one block, one merged step, against a composition written out here --------------------------
 BLOCK_GRID = (2, 8, 8)  # 128 tokens: both stages merge at ratio 0.5
 
@@ -232,7 +266,9 @@ def _drive_block(block, forward, args, grid, steps, grad=False):
 def _block_inputs(prefix, grid):
     n = prefix + math.prod(grid)
     gen = torch.Generator().manual_seed(3)
-    x, enc, temb = torch.randn(B, n, C, generator=gen), torch.randn(B, TEXT, C, generator=gen), torch.randn(B, C)
+    # channel-major, as the patch embedding leaves the stream (``flatten(2).transpose(1, 2)``)
+    x = torch.randn(B, C, n, generator=gen).transpose(1, 2)
+    enc, temb = torch.randn(B, TEXT, C, generator=gen), torch.randn(B, C)
     rotary = (torch.randn(n, 8, generator=gen), torch.randn(n, 8, generator=gen))
     mask = torch.rand(B, 1, 1, n + TEXT, generator=gen) > 0.2  # some image and prompt keys masked
     mask[..., -TEXT] = True  # every query keeps a key
@@ -245,52 +281,79 @@ def _merged_parts(plan, prefix, mask, rotary):
     return mask[..., keys], (rotary[0][keys[:prefix + plan.num_rows]], rotary[1][keys[:prefix + plan.num_rows]])
 
 
-@pytest.mark.parametrize("prefix,grad", [(0, False), (4, False), (4, True)])
-def test_double_block_ssm_step_equals_the_written_out_composition(prefix, grad):
-    grid = BLOCK_GRID
-    block = diffusers_hv.HunyuanVideoTransformerBlock(2, 8, 2.0).eval()
-    x, enc, temb, mask, rotary = _block_inputs(prefix, grid)
-    [((image, text), record)] = _drive_block(block, hv.double_forward, (x, enc, temb, mask, rotary), grid, 1, grad)
-    plan = record["plan"]
-    assert record["mode"] == "ssm" and plan.num_rows < plan.num_tokens
-    rows, merged_mask, merged_rotary = plan.row_of_token[0].long(), *_merged_parts(plan, prefix, mask, rotary)
-
-    def merge(t):
-        return torch.cat([t[:, :prefix], _segment_mean(t[:, prefix:], rows, plan.num_rows)], 1)
-
-    def unmerge(t):
-        return torch.cat([t[:, :prefix], t[:, prefix:][:, rows]], 1)
-
-    with torch.no_grad():
-        norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(x, emb=temb)
-        norm_text, c_gate_msa, c_shift, c_scale, c_gate_mlp = block.norm1_context(enc, emb=temb)
-        attn, text_attn = block.attn(merge(norm), norm_text, attention_mask=merged_mask, image_rotary_emb=merged_rotary)
-        want = x + unmerge(attn) * gate_msa[:, None]
-        want_text = enc + text_attn * c_gate_msa[:, None]
-        mlp_in = block.norm2(want) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        want = want + unmerge(block.ff(merge(mlp_in))) * gate_mlp[:, None]
-        text_in = block.norm2_context(want_text) * (1 + c_scale[:, None]) + c_shift[:, None]
-        want_text = want_text + block.ff_context(text_in) * c_gate_mlp[:, None]
-    torch.testing.assert_close(image, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(text, want_text, rtol=1e-5, atol=1e-5)
+def _joined(head_gate, gate, prefix, length):
+    """``[B, length, C]`` gates: ``head_gate`` on the first ``prefix`` rows (the token-replace first frame)."""
+    return torch.cat([head_gate[:, None].expand(-1, prefix, -1), gate[:, None].expand(-1, length - prefix, -1)], 1)
 
 
-@pytest.mark.parametrize("prefix,grad", [(0, False), (4, False), (0, True)])
-def test_single_block_ssm_and_idm_steps_equal_the_written_out_composition(prefix, grad):
-    grid = BLOCK_GRID
-    block = diffusers_hv.HunyuanVideoSingleTransformerBlock(2, 8, 2.0)
-    block.eval()
-    x, enc, temb, mask, rotary = _block_inputs(prefix, grid)
-    results = _drive_block(block, hv.single_forward, (x, enc, temb, mask, rotary), grid, 2, grad)
+def _run_block(single, token_replace, prefix, grad):
+    """A tiny block on ``[prefix, BLOCK_GRID tokens]`` run at an SSM and an IDM step: its inputs, the
+    token-replace embedding (or None), the block, and ``[(output, record)]`` per step."""
+    inputs = _block_inputs(prefix, BLOCK_GRID)
+    first_emb = torch.randn(B, C, generator=torch.Generator().manual_seed(4)) if token_replace else None
+    kind = ("TokenReplace" if token_replace else "") + ("Single" if single else "")
+    block = getattr(diffusers_hv, f"HunyuanVideo{kind}TransformerBlock")(2, 8, 2.0).eval()
+    forward = getattr(hv, ("token_replace_" if token_replace else "") + ("single" if single else "double") + "_forward")
+    results = _drive_block(block, forward, inputs + ((first_emb, prefix) if token_replace else ()), BLOCK_GRID, 2,
+                           grad)
+    assert [record["mode"] for _, record in results] == ["ssm", "idm"]
+    assert all(record["plan"].num_rows < record["plan"].num_tokens for _, record in results)
+    return inputs, first_emb, block, results
+
+
+# (prefix, autograd on, token_replace): the prefix is Framepack's history (the image gate) or, with
+# token_replace, the first frame (its own modulation and gate)
+BLOCK_CASES = [(0, False, False), (4, False, False), (4, True, False), (4, False, True), (4, True, True)]
+
+
+@pytest.mark.parametrize("prefix,grad,token_replace", BLOCK_CASES)
+def test_double_block_ssm_and_idm_steps_equal_the_written_out_composition(prefix, grad, token_replace):
+    (x, enc, temb, mask, rotary), first_emb, block, results = _run_block(False, token_replace, prefix, grad)
+    for (image, text), record in results:
+        plan = record["plan"]
+        rows, merged_mask, merged_rotary = plan.row_of_token[0].long(), *_merged_parts(plan, prefix, mask, rotary)
+
+        def merge(t):
+            return torch.cat([t[:, :prefix], _segment_mean(t[:, prefix:], rows, plan.num_rows)], 1)
+
+        def unmerge(t):
+            return torch.cat([t[:, :prefix], t[:, prefix:][:, rows]], 1)
+
+        with torch.no_grad():
+            norm, *mod = block.norm1(x, temb, first_emb, prefix) if token_replace else block.norm1(x, emb=temb)
+            gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:4]
+            first_gate_msa, first_shift_mlp, first_scale_mlp, first_gate_mlp = mod[4:] or mod  # token replace
+            norm_text, c_gate_msa, c_shift, c_scale, c_gate_mlp = block.norm1_context(enc, emb=temb)
+            if record["mode"] == "ssm":  # the image rows of the joint attention merged
+                attn, text_attn = block.attn(merge(norm), norm_text, attention_mask=merged_mask,
+                                             image_rotary_emb=merged_rotary)
+                attn = unmerge(attn)
+            else:
+                attn, text_attn = block.attn(norm, norm_text, attention_mask=mask, image_rotary_emb=rotary)
+            want = x + attn * _joined(first_gate_msa, gate_msa, prefix, x.shape[1])
+            want_text = enc + text_attn * c_gate_msa[:, None]
+            normed = block.norm2(want)
+            mlp_in = torch.cat([normed[:, :prefix] * (1 + first_scale_mlp[:, None]) + first_shift_mlp[:, None],
+                                normed[:, prefix:] * (1 + scale_mlp[:, None]) + shift_mlp[:, None]], 1)
+            want = want + unmerge(block.ff(merge(mlp_in))) * _joined(first_gate_mlp, gate_mlp, prefix, x.shape[1])
+            text_in = block.norm2_context(want_text) * (1 + c_scale[:, None]) + c_shift[:, None]
+            want_text = want_text + block.ff_context(text_in) * c_gate_mlp[:, None]
+        torch.testing.assert_close(image, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(text, want_text, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("prefix,grad,token_replace", BLOCK_CASES)
+def test_single_block_ssm_and_idm_steps_equal_the_written_out_composition(prefix, grad, token_replace):
+    (x, enc, temb, mask, rotary), first_emb, block, results = _run_block(True, token_replace, prefix, grad)
     end = x.shape[1]
     joint = torch.cat([x, enc], 1)
     for (image, text), record in results:
         plan = record["plan"]
-        assert plan.num_rows < plan.num_tokens
         rows, merged_mask, merged_rotary = plan.row_of_token[0].long(), *_merged_parts(plan, prefix, mask, rotary)
         head = prefix + plan.num_rows
         with torch.no_grad():
-            norm, gate = block.norm(joint, emb=temb)
+            norm, gate, *first = block.norm(joint, temb, first_emb, prefix) if token_replace else block.norm(joint, temb)
+            first_gate = first[0] if first else gate
             merged = torch.cat([norm[:, :prefix], _segment_mean(norm[:, prefix:end], rows, plan.num_rows),
                                 norm[:, end:]], 1)
             mlp = block.act_mlp(block.proj_mlp(merged))
@@ -300,14 +363,14 @@ def test_single_block_ssm_and_idm_steps_equal_the_written_out_composition(prefix
                 out = block.proj_out(torch.cat([attn, mlp], 2))
                 full = torch.cat([out[:, :prefix], out[:, prefix:head][:, rows], out[:, head:]], 1)
             else:  # IDM: attention at full length, the MLP half of proj_out merged
-                assert record["mode"] == "idm" and (record["attn"], record["mlp"]) == (plan.num_tokens, plan.num_rows)
+                assert (record["attn"], record["mlp"]) == (plan.num_tokens, plan.num_rows)
                 attn = torch.cat(block.attn(norm[:, :end], norm[:, end:], attention_mask=mask,
                                             image_rotary_emb=rotary), 1)
                 weight = block.proj_out.weight
                 mlp_out = mlp @ weight[:, C:].T
                 mlp_full = torch.cat([mlp_out[:, :prefix], mlp_out[:, prefix:head][:, rows], mlp_out[:, head:]], 1)
                 full = attn @ weight[:, :C].T + block.proj_out.bias + mlp_full
-            want = joint + gate[:, None] * full
+            want = joint + _joined(first_gate, gate, prefix, joint.shape[1]) * full
         torch.testing.assert_close(torch.cat([image, text], 1), want, rtol=1e-5, atol=1e-5)
 
 

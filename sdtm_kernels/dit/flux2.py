@@ -11,7 +11,12 @@ Merged per stage (image tokens only; text tokens never merge):
 * double block: SSM merges the image rows of the joint attention and the MLP, IDM the MLP.
 * single block: SSM runs attention and MLP (the fused projections included) on
   ``[text, merged image rows]``; IDM runs attention at full length and the MLP half of both fused
-  projections on the merged rows (the weights split as in ``flux.py``: caches "attn" and "mlp").
+  projections on the merged rows (the output projection split as in ``flux.py``; caches "parallel", the
+  whole gated output, and "mlp", its MLP half).
+
+The rows around the generated tokens (text, references) pass through the merge and the unmerge
+(``prefix`` / ``suffix``): copied around the merged rows, and given ``residual + gate * y`` in the
+unmerge's launch.
 
 Image tokens: the generated image is the leading run of tokens with the call's lowest ``t`` id
 (Flux.2: 0), laid out as one raster grid (``token_grid``); the image tokens after it (Flux.2 edit /
@@ -126,10 +131,6 @@ class ImageSpan:
     def size(self) -> int:
         return self.hi - self.lo
 
-    @property
-    def whole(self) -> bool:
-        return self.lo == 0 and self.hi == self.length
-
     def context(self, state, block, metric, force_exact=()):
         """The block's ``BlockContext`` from the generated tokens of ``metric``; the modes in
         ``force_exact`` (every mode but "layer" when the grid does not fit) run exactly."""
@@ -140,32 +141,25 @@ class ImageSpan:
             return BlockContext(state, slot, "exact", num_tokens=self.size)
         return block_context(state, slot, metric[:, self.lo:self.hi], shared=True)
 
+    @property
+    def around(self):
+        """``(prefix, suffix)``: the rows before and after the generated tokens."""
+        return self.lo, self.length - self.hi
+
     def merge(self, ctx, sublayer, x):
-        """``x`` with its generated tokens merged when ``sublayer`` merges now."""
-        if self.whole:
-            return ctx.merge(sublayer, x)
-        if not ctx.merges(sublayer):
-            ctx.note(sublayer, self.size)
-            return x
-        return torch.cat([x[:, :self.lo], ctx.merge(sublayer, x[:, self.lo:self.hi]), x[:, self.hi:]], dim=1)
+        """``x`` with its generated tokens merged when ``sublayer`` merges now (the rows around
+        them are copied in the merge's launch)."""
+        prefix, suffix = self.around
+        return ctx.merge(sublayer, x, prefix=prefix, suffix=suffix)
 
     def finish(self, ctx, sublayer, y, residual, gate, cache_names=None):
-        """``residual + gate * y`` at full length (``ctx.finish`` on the generated rows: unmerge,
-        cache blend, protected steps store the generated tokens' cache)."""
-        if self.whole or (not ctx.merges(sublayer) and ctx.mode != "protected"):
-            return ctx.finish(sublayer, y, residual=residual, gate=gate, cache_names=cache_names)
-        end = self.lo + (ctx.num_rows if ctx.merges(sublayer) else self.size)
-        image = ctx.finish(sublayer, y[:, self.lo:end], residual=residual[:, self.lo:self.hi],
-                           gate=rows_of(gate, self.lo, self.hi), cache_names=cache_names)
-        # the tokens around the image: merged steps in one launch each (protected steps: the stock
-        # expression, bit for bit), none when empty
-        fused = ctx.merges(sublayer)
-        parts = [image]
-        if self.lo:
-            parts.insert(0, _gated_add(residual[:, :self.lo], rows_of(gate, 0, self.lo), y[:, :self.lo], fused))
-        if self.hi < self.length:
-            parts.append(_gated_add(residual[:, self.hi:], rows_of(gate, self.hi, self.length), y[:, end:], fused))
-        return torch.cat(parts, dim=1) if len(parts) > 1 else image
+        """``residual + gate * y`` at full length: ``ctx.finish`` unmerges the generated rows (cache
+        blend; protected steps store their cache) and gives the rows around them ``residual + gate * y``
+        in the same launch. Merging runs with ``[B, 1, C]`` gates only (``_exact_modes``); per-token gates
+        reach only the stock expression of unmerged steps."""
+        prefix, suffix = self.around
+        return ctx.finish(sublayer, y, residual=residual, gate=gate, cache_names=cache_names, prefix=prefix,
+                          suffix=suffix)
 
     def rotary(self, ctx, sublayer, rotary, offset: int):
         """The ``(cos, sin)`` table of the rows ``sublayer`` runs on; the stream starts at ``offset``
@@ -183,11 +177,9 @@ class ImageSpan:
         return rows[0], rows[1]
 
 
-def _gated_add(residual, gate, y, fused=True):
-    """``residual + gate * y`` (``[B, C]`` gates broadcast over the tokens): one launch when
-    ``fused`` (``addcmul``, rounded once), else the stock two-op expression."""
-    gate = gate.unsqueeze(1) if gate.dim() == 2 else gate
-    return torch.addcmul(residual, gate, y) if fused else residual + gate * y
+def _gated_add(residual, gate, y):
+    """``residual + gate * y`` in one launch (``addcmul``, rounded once); ``[B, C]`` gates broadcast."""
+    return torch.addcmul(residual, gate.unsqueeze(1) if gate.dim() == 2 else gate, y)
 
 
 def rows_of(modulation, lo: int, hi: int):
@@ -293,8 +285,9 @@ def parallel_attention(attn, kind, qkv, rotary, kwargs):
 
 def single_forward(self, hidden_states, encoder_hidden_states, temb_mod, image_rotary_emb=None,
                    joint_attention_kwargs=None, split_hidden_states=False, text_seq_len=None):
-    """Caches (generated tokens): "attn" holds ``gate * (W_a @ attn + b)``, "mlp"
-    ``gate * (W_m @ mlp)`` (``to_out = [W_a | W_m]``); SSM blends the merged output with their sum."""
+    """Caches (generated tokens, ``to_out = [W_a | W_m]``): "parallel" holds the gated output
+    ``gate * (W_a @ attn + W_m @ mlp + b)``, blended by SSM steps (both branches merged); "mlp" its
+    MLP half ``gate * (W_m @ mlp)``, blended by IDM steps (only the MLP branch merged)."""
     state = getattr(self, "_sdtm_state", None)
     if encoder_hidden_states is not None:
         text_seq_len = encoder_hidden_states.shape[1]
@@ -337,7 +330,7 @@ def single_forward(self, hidden_states, encoder_hidden_states, temb_mod, image_r
         mlp_hidden_states = attn.mlp_act_fn(mlp_hidden_states)
         attn_output = attn.to_out(torch.cat([attn_output, mlp_hidden_states], dim=-1))
         if ctx.merges("attn"):
-            hidden_states = span.finish(ctx, "attn", attn_output, residual, mod_gate, cache_names=("attn", "mlp"))
+            hidden_states = span.finish(ctx, "attn", attn_output, residual, mod_gate, cache_names=("parallel",))
         else:
             gated = mod_gate * attn_output
             if ctx.mode == "protected":
@@ -346,7 +339,7 @@ def single_forward(self, hidden_states, encoder_hidden_states, temb_mod, image_r
                 mlp_part = gate * F.linear(mlp_hidden_states[:, span.lo:span.hi],
                                            weight_out[:, weight_out.shape[1] - attn.mlp_hidden_dim:])
                 state.set_cache(ctx.slot, "mlp", mlp_part)
-                state.set_cache(ctx.slot, "attn", gated[:, span.lo:span.hi] - mlp_part)
+                state.set_cache(ctx.slot, "parallel", gated[:, span.lo:span.hi])
             hidden_states = residual + gated
     if hidden_states.dtype == torch.float16:
         hidden_states = hidden_states.clip(-65504, 65504)

@@ -20,7 +20,9 @@ Framepack's history latents (clean context prepended to the noisy latent: the pr
 image tokens beyond the call's grid), and in ``token_replace`` models the first latent frame
 (the conditioning image, modulated and gated with the clean-timestep embedding, apart from the
 other frames). The grid of a ``token_replace`` model is ``(T - 1, H, W)``; a one-frame call has
-no grid and runs exactly.
+no grid and runs exactly. On merged steps the prefix rows (and the single blocks' prompt rows) pass
+through the merge and the unmerge: copied around the merged rows, given ``residual + gate * y`` in
+the unmerge's launch. The first frame's own gate then rewrites its rows (one launch per unmerge).
 
 Rotary embeddings and plans: HunyuanVideo passes a ``(cos, sin)`` pair of ``[N, D]`` tables
 over the image tokens only (no batch axis, no prompt rows). A merged row takes the entry of
@@ -34,10 +36,10 @@ theirs (eager inference: one gather per block into a buffer made once per call, 
 rotary table; compiled or with autograd: a join). Other mask shapes raise ``ValueError`` on
 merged steps.
 
-Single blocks split ``proj_out(cat[attn, mlp]) = W_a @ attn + W_m @ mlp + b`` as Flux's:
-caches "attn" = ``gate * (W_a @ attn + b)``, "mlp" = ``gate * (W_m @ mlp)``; SSM runs both
-branches on merged rows and blends with the sum of the caches, IDM runs attention at full
-length and only the MLP half on merged rows.
+Single blocks split ``proj_out(cat[attn, mlp]) = W_a @ attn + W_m @ mlp + b`` as Flux's: SSM
+runs both branches on merged rows and blends with the cache "parallel" (the whole gated output
+``gate * proj_out(...)``), IDM runs attention at full length and only the MLP half on merged rows,
+blended with the cache "mlp" (``gate * (W_m @ mlp)``).
 
 Not supported: blocks whose attention processor is not ``HunyuanVideoAttnProcessor2_0`` are
 left unpatched (a custom processor may depend on the sequence it sees); ``idm_score="attention"``
@@ -108,32 +110,29 @@ def merged_attention_mask(ctx, sublayer, attention_mask, prefix: int, text_len: 
 
 
 # -- merge / finish with an unmerged prefix -----------------------------------------------------
-def _rows(ctx, sublayer, x, prefix):
-    """``x`` ``[B, P + N, C]`` -> ``[prefix rows, rows sublayer runs on]`` (``x`` itself unmerged)."""
-    if not ctx.merges(sublayer):
-        ctx.note(sublayer, ctx.num_tokens)
-        return x
-    if not prefix:
-        return ctx.merge(sublayer, x)
-    return torch.cat([x[:, :prefix], ctx.merge(sublayer, x[:, prefix:])], dim=1)
-
-
-def _finish(ctx, sublayer, y, residual, gate, prefix, prefix_gate=None):
-    """``residual + y * gate`` at full length: prefix rows directly (``prefix_gate``: the
-    token-replace gate of the first frame), grid rows unmerged by ``ctx.finish``."""
-    if not prefix:
-        return ctx.finish(sublayer, y, residual=residual, gate=gate)
-    if prefix_gate is None and not ctx.merges(sublayer):  # diffusers' expression, no split
-        gated = y * gate.unsqueeze(1)
-        if ctx.mode == "protected":
-            ctx.state.set_cache(ctx.slot, sublayer, gated[:, prefix:])
-        return residual + gated
-    head_gate = (gate if prefix_gate is None else prefix_gate).unsqueeze(1)
-    if ctx.merges(sublayer):  # one launch; unmerged steps keep diffusers' expression, bit for bit
-        head = torch.addcmul(residual[:, :prefix], y[:, :prefix], head_gate)
-    else:
-        head = residual[:, :prefix] + y[:, :prefix] * head_gate
+def _finish(ctx, sublayer, y, residual, gate, prefix, prefix_gate=None, residual_first=True):
+    """``residual + y * gate`` at full length; the prefix rows pass through ``ctx.finish`` (one launch
+    when merging), or, with ``prefix_gate`` (the token-replace gate of the first frame), take it."""
+    if prefix_gate is None:
+        return ctx.finish(sublayer, y, residual=residual, gate=gate, prefix=prefix, residual_first=residual_first)
+    if ctx.merges(sublayer):
+        return _regate_prefix(ctx.finish(sublayer, y, residual=residual, gate=gate, prefix=prefix), residual, y,
+                              prefix_gate, prefix)
+    head = residual[:, :prefix] + y[:, :prefix] * prefix_gate.unsqueeze(1)  # diffusers' expression, bit for bit
     return torch.cat([head, ctx.finish(sublayer, y[:, prefix:], residual=residual[:, prefix:], gate=gate)], dim=1)
+
+
+def _regate_prefix(out, residual, y, prefix_gate, prefix):
+    """``out`` (a fresh merged-step output) with rows ``[0, prefix)`` set to ``residual + y * prefix_gate``
+    (``addcmul``, rounded once): the unmerge gave every passthrough row the image gate. Eager inference
+    writes them in place (one launch); under autograd or ``torch.compile`` a join replaces them."""
+    if not prefix:
+        return out
+    gate = prefix_gate.unsqueeze(1)
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return torch.cat([torch.addcmul(residual[:, :prefix], y[:, :prefix], gate), out[:, prefix:]], dim=1)
+    torch.addcmul(residual[:, :prefix], y[:, :prefix], gate, out=out[:, :prefix])
+    return out
 
 
 def _gated(x, gate, prefix_gate, prefix):
@@ -147,7 +146,7 @@ def _attention(self, ctx, norm_hidden_states, norm_encoder_hidden_states, attent
     """The double block's joint attention, image rows merged on SSM steps."""
     text_len = norm_encoder_hidden_states.shape[1]
     return self.attn(
-        hidden_states=_rows(ctx, "attn", norm_hidden_states, prefix),
+        hidden_states=ctx.merge("attn", norm_hidden_states, prefix=prefix),
         encoder_hidden_states=norm_encoder_hidden_states,
         attention_mask=merged_attention_mask(ctx, "attn", attention_mask, prefix, text_len),
         image_rotary_emb=gather_rotary(ctx, "attn", rotary, prefix),
@@ -173,7 +172,11 @@ def double_forward(self, hidden_states, encoder_hidden_states, temb, attention_m
     ctx = block_context(state, getattr(self, "_sdtm_slot", None), metric, shared=True)
     attn_output, context_attn_output = _attention(self, ctx, norm_hidden_states, norm_encoder_hidden_states,
                                                   attention_mask, freqs_cis, prefix)
-    hidden_states = _finish(ctx, "attn", attn_output, hidden_states, gate_msa, prefix)
+    # IDM steps (attention unmerged, the MLP merged): the gated value first, so that the sum is dense
+    # whatever the stream's layout (the patch embedding's is channel-major, and the MLP's unmerge
+    # needs a unit channel stride); the same bits as diffusers' order
+    hidden_states = _finish(ctx, "attn", attn_output, hidden_states, gate_msa, prefix,
+                            residual_first=not ctx.merges("mlp"))
     encoder_hidden_states = encoder_hidden_states + context_attn_output * c_gate_msa.unsqueeze(1)
 
     norm_hidden_states = self.norm2(hidden_states)
@@ -181,7 +184,7 @@ def double_forward(self, hidden_states, encoder_hidden_states, temb, attention_m
     norm_hidden_states = norm_hidden_states * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
     norm_encoder_hidden_states = norm_encoder_hidden_states * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
 
-    ff_output = self.ff(_rows(ctx, "mlp", norm_hidden_states, prefix))
+    ff_output = self.ff(ctx.merge("mlp", norm_hidden_states, prefix=prefix))
     context_ff_output = self.ff_context(norm_encoder_hidden_states)
     hidden_states = _finish(ctx, "mlp", ff_output, hidden_states, gate_mlp, prefix)
     encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_ff_output
@@ -214,7 +217,7 @@ def token_replace_double_forward(self, hidden_states, encoder_hidden_states, tem
     norm_hidden_states = torch.cat([hidden_states_zero, hidden_states_orig], dim=1)
     norm_encoder_hidden_states = norm_encoder_hidden_states * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
 
-    ff_output = self.ff(_rows(ctx, "mlp", norm_hidden_states, first))
+    ff_output = self.ff(ctx.merge("mlp", norm_hidden_states, prefix=first))
     context_ff_output = self.ff_context(norm_encoder_hidden_states)
     hidden_states = _finish(ctx, "mlp", ff_output, hidden_states, gate_mlp, first, tr_gate_mlp)
     encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_ff_output
@@ -235,40 +238,27 @@ def _single(self, hidden_states, encoder_hidden_states, temb, attention_mask, im
     else:
         norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
         prefix_gate, prefix = None, grid_prefix(state, end)
+    text_len = residual.shape[1] - end
     image_norm = norm_hidden_states[:, prefix:end]
     ctx = block_context(state, getattr(self, "_sdtm_slot", None), image_norm, shared=True)
     gate_b = gate.unsqueeze(1)
 
-    def joint_rows(merged):  # [prefix, merged grid rows, text]
-        parts = (norm_hidden_states[:, :prefix], merged, norm_hidden_states[:, end:])
-        return torch.cat([part for part in parts if part.shape[1]], dim=1)
+    def regated(out, base, y):  # token replace: the first frame's rows take their own gate
+        return out if prefix_gate is None else _regate_prefix(out, base, y, prefix_gate, prefix)
 
-    def token_gate():  # [B, 1 or P + N + T, C]: the gate of every row of the joint sequence
-        if prefix_gate is None:
-            return gate_b
-        return torch.cat([prefix_gate.unsqueeze(1).expand(-1, prefix, -1),
-                          gate_b.expand(-1, residual.shape[1] - prefix, -1)], dim=1)
-
-    def merged_outputs(out, base, head, image_out, gates):  # image rows (prefix, grid) and text rows
-        text_out = torch.addcmul(base[:, end:], gate_b, out[:, head:])
-        if not prefix:
-            return image_out, text_out
-        prefix_out = torch.addcmul(base[:, :prefix], gates[:, :prefix], out[:, :prefix])
-        return torch.cat([prefix_out, image_out], dim=1), text_out
-
-    if ctx.merges("attn"):  # SSM: both branches on [prefix, merged rows, text]
-        rows = joint_rows(ctx.merge("attn", image_norm))
+    if ctx.merges("attn"):  # SSM: both branches on [prefix, merged rows, text] (one merge launch)
+        rows = ctx.merge("attn", norm_hidden_states, prefix=prefix, suffix=text_len)
         head = prefix + ctx.num_rows
         ctx.note("mlp", ctx.num_rows)
         mlp_hidden_states = self.act_mlp(self.proj_mlp(rows))
         attn_output, context_attn_output = self.attn(
             hidden_states=rows[:, :head], encoder_hidden_states=rows[:, head:],
-            attention_mask=merged_attention_mask(ctx, "attn", attention_mask, prefix, rows.shape[1] - head),
+            attention_mask=merged_attention_mask(ctx, "attn", attention_mask, prefix, text_len),
             image_rotary_emb=gather_rotary(ctx, "attn", image_rotary_emb, prefix))
         out = self.proj_out(torch.cat([torch.cat([attn_output, context_attn_output], dim=1), mlp_hidden_states], 2))
-        image_out = ctx.finish("attn", out[:, prefix:head], residual=residual[:, prefix:end], gate=gate,
-                               cache_names=("attn", "mlp"))
-        return merged_outputs(out, residual, head, image_out, token_gate())
+        hidden_states = regated(ctx.finish("attn", out, residual=residual, gate=gate, cache_names=("parallel",),
+                                           prefix=prefix, suffix=text_len), residual, out)
+        return hidden_states[:, :end], hidden_states[:, end:]
     if ctx.merges("mlp"):  # IDM: attention at full length, the MLP branch on merged rows
         attn_output, context_attn_output = self.attn(
             hidden_states=norm_hidden_states[:, :end], encoder_hidden_states=norm_hidden_states[:, end:],
@@ -277,13 +267,12 @@ def _single(self, hidden_states, encoder_hidden_states, temb, attention_mask, im
         weight, bias = linear_weights(self.proj_out)  # LoRA on proj_out included (PEFT, unfused)
         attn_dim = residual.shape[-1]
         attn_part = F.linear(torch.cat([attn_output, context_attn_output], dim=1), weight[:, :attn_dim], bias)
-        gates = token_gate()
-        with_attn = torch.addcmul(residual, gates, attn_part)
-        rows = joint_rows(ctx.merge("mlp", image_norm))
-        head = prefix + ctx.num_rows
+        with_attn = regated(torch.addcmul(residual, gate_b, attn_part), residual, attn_part)
+        rows = ctx.merge("mlp", norm_hidden_states, prefix=prefix, suffix=text_len)
         mlp_out = F.linear(self.act_mlp(self.proj_mlp(rows)), weight[:, attn_dim:])
-        image_out = ctx.finish("mlp", mlp_out[:, prefix:head], residual=with_attn[:, prefix:end], gate=gate)
-        return merged_outputs(mlp_out, with_attn, head, image_out, gates)
+        hidden_states = regated(ctx.finish("mlp", mlp_out, residual=with_attn, gate=gate, prefix=prefix,
+                                           suffix=text_len), with_attn, mlp_out)
+        return hidden_states[:, :end], hidden_states[:, end:]
     # exact (diffusers' computation); protected steps also split the grid rows for the cache
     ctx.note("attn", ctx.num_tokens)
     ctx.note("mlp", ctx.num_tokens)
@@ -297,7 +286,7 @@ def _single(self, hidden_states, encoder_hidden_states, temb, attention_mask, im
         weight, _ = linear_weights(self.proj_out)
         mlp_part = gate_b * F.linear(mlp_hidden_states[:, prefix:end], weight[:, residual.shape[-1]:])
         state.set_cache(ctx.slot, "mlp", mlp_part)
-        state.set_cache(ctx.slot, "attn", out[:, prefix:end] - mlp_part)
+        state.set_cache(ctx.slot, "parallel", out[:, prefix:end])
     hidden_states = out + residual
     return hidden_states[:, :end], hidden_states[:, end:]
 
