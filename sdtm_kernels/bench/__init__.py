@@ -8,6 +8,11 @@ package's own adaLN DiT (``sdtm_kernels.small_dit``) wrapped with ``wrap_dit_blo
   patch 2 -> N=4096 image tokens, 333 text tokens, bf16, 50 steps.
 * CPU: 6 blocks, C=384, 512x512 image -> 64x64 latent -> N=1024, 77 text tokens, fp32,
   20 steps (``--quick``: 2 blocks, C=128, N=256, 6 steps).
+* ``--family`` picks another diffusers family (``bench.flops.default_spec`` has their sizes):
+  pixart, qwen, wan, hunyuan, dit, and Flux.1 / Flux.2 (``flux`` / ``flux2``: on CUDA Flux.1-dev,
+  19 double + 38 single blocks, C=3072, 1024² (64x64 tokens + 512 text), 28 steps; Flux.2-dev,
+  8 + 48 blocks, C=6144, SwiGLU MLP of 3C, 50 steps, 60 GiB of weights in bf16; their double
+  blocks are counted as ``joint``, single blocks as ``single`` in ``bench.families.block_flops``).
 
 A flow-matching Euler sampler (``x += (sigma_{i+1} - sigma_i) * v``, sigmas linear from 1
 to 0, timestep = 1000 * sigma) runs the whole schedule with classifier-free guidance (the

@@ -28,16 +28,23 @@ def add_arguments(parser):
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 50 on CUDA, 12 on CPU)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="denoising steps (default: 50 on CUDA, 28 for flux, 20 with --quick; 12 to 20 on CPU, "
+                             "6 with --quick)")
     parser.add_argument("--size", type=int, default=None,
                         help="image size in pixels (latent = size / 8); default 1024 on CUDA, 512 on CPU")
     parser.add_argument("--latent", type=int, default=None, help="latent size instead of --size")
-    parser.add_argument("--blocks", type=int, default=None, help="number of transformer blocks")
+    parser.add_argument("--blocks", type=int, default=None,
+                        help="number of transformer blocks (flux, flux2, hunyuan: double + single blocks, split "
+                             "as in the real model: a third double, a seventh for flux2)")
     parser.add_argument("--width", type=int, default=None, help="hidden size C (heads of 64 channels)")
-    parser.add_argument("--family", choices=["sd3", "pixart", "qwen", "wan", "hunyuan", "dit"], default=None,
-                        help="model: diffusers SD3 (default when diffusers is installed), PixArt, Qwen-Image, Wan 2.1 "
-                             "(video: 1.3B at 480p / 81 frames on CUDA) or HunyuanVideo (720p / 129 frames on "
-                             "CUDA), or the package's own DiT")
+    parser.add_argument("--family", choices=["sd3", "pixart", "qwen", "flux", "flux2", "wan", "hunyuan", "dit"],
+                        default=None,
+                        help="model: diffusers SD3 (default when diffusers is installed), PixArt, Qwen-Image, "
+                             "Flux.1 (flux: Flux.1-dev, 19 double + 38 single blocks, 28 steps on CUDA), Flux.2 "
+                             "(flux2: Flux.2-dev, 8 double + 48 single blocks of C=6144, 60 GiB in bf16 on CUDA), "
+                             "Wan 2.1 (video: 1.3B at 480p / 81 frames on CUDA) or HunyuanVideo (720p / 129 "
+                             "frames on CUDA), or the package's own DiT")
     parser.add_argument("--frames", type=int, default=None, help="latent frames of a video family (wan, hunyuan)")
     parser.add_argument("--batch", type=int, default=1, help="images per call (the model sees 2x for CFG)")
     parser.add_argument("--presets", nargs="+", choices=sorted(PRESETS_RUN), default=list(PRESETS_RUN))

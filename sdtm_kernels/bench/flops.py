@@ -41,12 +41,28 @@ def default_spec(family, device, quick=False):
             spec.update(layers=60 if not quick else 8, width=3072, head_dim=128, latent=166 if not quick else 128,
                         text_len=256, text_dim=3584, steps=50 if not quick else 20)
         spec.update(in_channels=16, patch=2, pooled_dim=0)
+    if family == "flux":  # Flux.1-dev at 1024² on CUDA: 19 double + 38 single blocks (FluxPipeline: 28 steps)
+        if torch.device(device).type == "cuda":
+            spec.update(layers=57 if not quick else 9, width=3072, head_dim=128, latent=128 if not quick else 64,
+                        text_len=512, text_dim=4096, pooled_dim=768, steps=28 if not quick else 20)
+        else:
+            spec.update(layers=2, width=128, head_dim=64, latent=32, text_len=16, text_dim=64, pooled_dim=32,
+                        steps=6 if quick else 12)
+        spec.update(in_channels=16, patch=2)
+    if family == "flux2":  # Flux.2-dev at 1024² on CUDA: 8 double + 48 single blocks, SwiGLU MLPs of 3 C
+        if torch.device(device).type == "cuda":  # 32.2 B parameters: 60 GiB in bf16
+            spec.update(layers=56 if not quick else 7, width=6144, head_dim=128, latent=128 if not quick else 64,
+                        text_len=512, text_dim=15360, steps=50 if not quick else 20)
+        else:
+            spec.update(layers=2, width=128, head_dim=64, latent=32, text_len=16, text_dim=64,
+                        steps=6 if quick else 12)
+        spec.update(in_channels=32, patch=2, pooled_dim=0, mlp_ratio=3)  # 32 latent channels, packed 2 x 2
     if family == "hunyuan":  # HunyuanVideo 720p / 129 frames on CUDA (20 double + 40 single blocks)
         if torch.device(device).type == "cuda":
             spec.update(layers=60, width=3072, head_dim=128, latent=(90, 160), frames=33, text_len=256,
                         text_dim=4096, pooled_dim=768, steps=50)
             if quick:
-                spec.update(layers=8, latent=(45, 80), frames=9, steps=20)
+                spec.update(layers=8, latent=(44, 80), frames=9, steps=20)  # 352 x 640: packs 2 x 2
         else:
             spec.update(layers=2, width=128, head_dim=64, latent=16, frames=2 if quick else 3, text_len=16,
                         text_dim=64, pooled_dim=32, steps=6 if quick else 12)
@@ -61,13 +77,28 @@ SIZES = {
                          text_dim=4096, pooled_dim=0),
     "wan2.1-1.3b": dict(family="wan", layers=30, width=1536, head_dim=128, in_channels=16, text_len=512,
                         text_dim=4096, pooled_dim=0, ffn_dim=8960, frames=21),
+    "flux.1-dev": dict(family="flux", layers=57, width=3072, head_dim=128, in_channels=16, text_len=512,
+                       text_dim=4096, pooled_dim=768),
+    "flux.2-dev": dict(family="flux2", layers=56, width=6144, head_dim=128, in_channels=32, text_len=512,
+                       text_dim=15360, pooled_dim=0, mlp_ratio=3),
 }
+
+
+def double_block_count(family, layers):
+    """How many of ``layers`` blocks are double-stream blocks (the rest are single-stream), split
+    as the real models are: Flux.1 19 + 38, HunyuanVideo 20 + 40, Flux.2 8 + 48; at least one."""
+    if family in ("flux", "hunyuan"):
+        return min(layers, max(1, layers // 3))
+    if family == "flux2":
+        return min(layers, max(1, layers // 7))
+    return layers  # one kind of block
 
 
 def make_spec(family, *, layers, width, latent, head_dim=64, patch=2, in_channels=16, text_len=77, text_dim=256,
               pooled_dim=128, mlp_ratio=4, frames=None, ffn_dim=None, **_ignored):
     """Sizes of a bench model. ``latent`` is the latent's side or ``(height, width)``; ``frames``
-    (video families) the latent frames (time patch 1): the grid is then ``(frames, H, W)``."""
+    (video families) the latent frames (time patch 1): the grid is then ``(frames, H, W)``.
+    ``double_layers``: the leading double-stream blocks (``double_block_count``)."""
     if width % head_dim:
         head_dim = 64 if width % 64 == 0 else 32
     if width % head_dim:
@@ -83,7 +114,7 @@ def make_spec(family, *, layers, width, latent, head_dim=64, patch=2, in_channel
                 latent=latent if isinstance(latent, int) else (height, side), patch=int(patch), grid=grid,
                 num_tokens=math.prod(grid), noise_shape=noise_shape, in_channels=int(in_channels),
                 text_len=int(text_len), text_dim=int(text_dim), pooled_dim=int(pooled_dim), mlp_ratio=int(mlp_ratio),
-                ffn_dim=int(ffn_dim or mlp_ratio * width))
+                ffn_dim=int(ffn_dim or mlp_ratio * width), double_layers=double_block_count(family, int(layers)))
 
 
 def grid_text(spec) -> str:
@@ -91,9 +122,12 @@ def grid_text(spec) -> str:
     return "x".join(str(g) for g in spec["grid"])
 
 
-# bench families whose FLOPs are bench.families' block models (qwen / hunyuan: text joined in
-# attention; wan: cross-attention to the prompt, its query side merged only with merge_cross_attention)
-FAMILY_BLOCKS = {"qwen": "joint", "hunyuan": "joint", "wan": "cross"}
+# bench families whose FLOPs are bench.families' block models: (kind of the double-stream blocks,
+# kind of the single-stream blocks after them, MLP matrices: 2 GELU, 3 SwiGLU). qwen / flux / flux2 /
+# hunyuan: text joined in attention; wan: cross-attention to the prompt, its query side merged only
+# with merge_cross_attention.
+FAMILY_BLOCKS = {"qwen": ("joint", None, 2), "hunyuan": ("joint", "single", 2), "wan": ("cross", None, 2),
+                 "flux": ("joint", "single", 2), "flux2": ("joint", "single", 3)}
 
 
 def block_flops(spec, layer, attn=None, mlp=None, cross=None):
@@ -110,10 +144,12 @@ def block_flops(spec, layer, attn=None, mlp=None, cross=None):
         if not last:
             flops += 2 * t * c * c + 4 * r * t * c * c
         return flops
-    if family in FAMILY_BLOCKS:  # the block models of bench.families (GELU MLP of ffn_dim)
+    if family in FAMILY_BLOCKS:  # the block models of bench.families (an MLP of ffn_dim)
         from .families import block_flops as family_block_flops
 
-        return family_block_flops(FAMILY_BLOCKS[family], na, nm, nx, t, c, spec["ffn_dim"], 2)
+        double, single, mats = FAMILY_BLOCKS[family]
+        kind = double if layer < spec.get("double_layers", spec["layers"]) else single
+        return family_block_flops(kind, na, nm, nx, t, c, spec["ffn_dim"], mats)
     flops = 8 * na * c * c + 4 * na * na * c + 4 * r * nm * c * c
     if family == "pixart":
         flops += 4 * nx * c * c + 4 * t * c * c + 4 * nx * t * c

@@ -99,7 +99,9 @@ def run_suite(args, log=print):
     configs = [("unpatched", None, None)] + [(f"{p}/{resolved_backend(b, device)}", p, b)
                                              for p in args.presets for b in backends]
 
-    log(f"SDTM bench: {family} {spec['layers']} blocks, C={spec['width']}, {spec['heads']} heads, "
+    single = spec["layers"] - spec["double_layers"]  # flux / flux2 / hunyuan: single-stream blocks after the double
+    split = f" ({spec['double_layers']} double + {single} single)" if single else ""
+    log(f"SDTM bench: {family} {spec['layers']} blocks{split}, C={spec['width']}, {spec['heads']} heads, "
         f"token grid {grid_text(spec)} -> N={spec['num_tokens']} image + {spec['text_len']} text "
         f"tokens, batch {2 * args.batch} (CFG), {steps} steps, {args.dtype}, on {device_name(device)}")
     bench_model = BenchModel(spec, device, dtype, batch=args.batch, seed=args.seed)
