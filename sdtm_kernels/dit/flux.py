@@ -106,10 +106,11 @@ def _single(self, hidden_states, text_len, temb, image_rotary_emb, joint_attenti
     steps: the text rows pass through the merge and the unmerge, no join launch).
 
     The attention and MLP branches share one input and one output projection
-    ``proj_out(cat[attn, mlp]) = W_a @ attn + W_m @ mlp + b``. Caches: "attn" holds
-    ``gate * (W_a @ attn + b)`` and "mlp" ``gate * (W_m @ mlp)`` (image tokens). SSM steps run
-    both branches on merged rows and blend with the sum of the caches; IDM steps run attention
-    at full length and only the MLP branch (its half of ``proj_out`` included) on merged rows.
+    ``proj_out(cat[attn, mlp]) = W_a @ attn + W_m @ mlp + b``. Caches (image tokens): "parallel"
+    holds the gated output ``gate * proj_out(...)``, "mlp" its MLP half ``gate * (W_m @ mlp)``. SSM
+    steps run both branches on merged rows and blend with "parallel"; IDM steps run attention at
+    full length and only the MLP branch (its half of ``proj_out`` included) on merged rows, blended
+    with "mlp".
     """
     state = getattr(self, "_sdtm_state", None)
     joint_attention_kwargs = joint_attention_kwargs or {}
@@ -140,7 +141,7 @@ def _single(self, hidden_states, text_len, temb, image_rotary_emb, joint_attenti
         else:
             attn_output = self.attn(hidden_states=rows, image_rotary_emb=rotary, **joint_attention_kwargs)
         out = self.proj_out(torch.cat([attn_output, mlp_hidden_states], dim=2))
-        hidden_states = ctx.finish("attn", out, residual=residual, gate=gate, cache_names=("attn", "mlp"),
+        hidden_states = ctx.finish("attn", out, residual=residual, gate=gate, cache_names=("parallel",),
                                    prefix=text_len)  # text rows: residual + gate * out, in the same launch
         return _clip_fp16(hidden_states)
     elif ctx.merges("mlp"):  # IDM: attention at full length, MLP branch on [text, merged image rows]
@@ -176,7 +177,7 @@ def _single(self, hidden_states, text_len, temb, image_rotary_emb, joint_attenti
         if ctx.mode == "protected":
             mlp_part = gate_b * F.linear(mlp_hidden_states[:, text_len:], weight[:, attn_dim:])
             state.set_cache(ctx.slot, "mlp", mlp_part)
-            state.set_cache(ctx.slot, "attn", out[:, text_len:] - mlp_part)
+            state.set_cache(ctx.slot, "parallel", out[:, text_len:])
     return _clip_fp16(residual + out)
 
 
