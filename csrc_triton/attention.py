@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .scores import _interpreting, dot_operands_fp32
+from .scores import _interpreting, cdiv, dot_operands_fp32, next_power_of_2
 
 
 @triton.jit
@@ -130,11 +130,11 @@ def _received_kernel(
 def attention_blocks(num_queries: int, num_keys: int, head_dim: int, interpret: bool):
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps): 64-wide tiles on a GPU (32 for short inputs),
     >= 16 in every ``tl.dot`` dim; tiles up to 64 in the interpreter."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, next_power_of_2(head_dim))
     if interpret:
-        return (min(64, max(16, triton.next_power_of_2(num_queries))),
-                min(64, max(16, triton.next_power_of_2(num_keys))), block_d, 1)
-    block_m = 64 if num_queries > 32 else max(16, triton.next_power_of_2(num_queries))
+        return (min(64, max(16, next_power_of_2(num_queries))),
+                min(64, max(16, next_power_of_2(num_keys))), block_d, 1)
+    block_m = 64 if num_queries > 32 else max(16, next_power_of_2(num_queries))
     block_n = 64 if num_keys > 32 else 32
     num_warps = 4 if block_d <= 64 else 8
     return block_m, block_n, block_d, num_warps
@@ -153,14 +153,14 @@ def attention_received(q: torch.Tensor, k: torch.Tensor, key_slice, scale=None) 
     block_m, block_n, block_d, num_warps = attention_blocks(num_queries, num_keys, head_dim, interpret)
     dot_fp32 = dot_operands_fp32(q.dtype, interpret)
     lse = torch.empty(batch, num_heads, num_queries, dtype=torch.float32, device=q.device)
-    _row_lse_kernel[(triton.cdiv(num_queries, block_m), batch * num_heads)](
+    _row_lse_kernel[(cdiv(num_queries, block_m), batch * num_heads)](
         lse, lse.stride(0), lse.stride(1), lse.stride(2),
         q, q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         k, k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         num_heads, num_queries, num_keys, head_dim, scale,
         DOT_FP32=dot_fp32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
     )
-    _received_kernel[(triton.cdiv(end - start, block_n), batch)](
+    _received_kernel[(cdiv(end - start, block_n), batch)](
         out, out.stride(0), out.stride(1),
         q, q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         k, k.stride(0), k.stride(1), k.stride(2), k.stride(3),

@@ -21,11 +21,13 @@ Three steps, no ``Na x D`` matrix and no normalised copy of x:
 The split count is chosen from the sizes (``match_config``) so that a launch has about
 ``TARGET_PROGRAMS`` programs; SD3 at 1024^2 (B=2, 3072 x 1024) gets 288 instead of 96.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from .scores import _interpreting, dot_operands_fp32
+from .scores import _interpreting, cdiv, dot_operands_fp32, next_power_of_2, work_buffer
 
 TARGET_PROGRAMS = 264  # 2 programs per SM of an H100 (132 SMs)
 
@@ -173,16 +175,43 @@ def _match_combine_kernel(
     tl.store(match_ptr + pid_b * stride_mb + i * stride_mi, arg, mask=mask)
 
 
+@functools.lru_cache(maxsize=256)
 def match_blocks(num_cand: int, num_dst: int, channels: int, interpret: bool):
     """(BLOCK_M, BLOCK_N, BLOCK_C, num_warps, num_stages): 64x64x64 tensor-core tiles on a GPU
     (>= 16 in every dot dim), up to 128-wide tiles in the interpreter."""
     if interpret:
-        return (min(128, max(16, triton.next_power_of_2(num_cand))),
-                min(128, max(16, triton.next_power_of_2(num_dst))),
-                min(128, max(16, triton.next_power_of_2(channels))), 1, 1)
+        return (min(128, max(16, next_power_of_2(num_cand))),
+                min(128, max(16, next_power_of_2(num_dst))),
+                min(128, max(16, next_power_of_2(channels))), 1, 1)
     block_m = 64 if num_cand > 32 else 32
     block_n = 64 if num_dst > 32 else 32
     return block_m, block_n, 64, 4, 3
+
+
+@functools.lru_cache(maxsize=256)
+def _match_config(batch: int, num_cand: int, num_dst: int, channels: int, interpret: bool):
+    # ``match_config``, computed once per shape (shared: the launcher only reads it)
+    blocks = match_blocks(num_cand, num_dst, channels, interpret)
+    block_m, block_n = blocks[0], blocks[1]
+    cand_blocks = cdiv(num_cand, block_m)
+    tiles = max(1, cdiv(num_dst, block_n))
+    splits = min(tiles, max(1, cdiv(TARGET_PROGRAMS, cand_blocks * batch)))
+    tiles_per_split = cdiv(tiles, splits)
+    splits = cdiv(tiles, tiles_per_split)
+    rows = num_cand + num_dst
+    if interpret:
+        norms_blocks = (min(128, max(16, next_power_of_2(rows))),
+                        min(128, max(16, next_power_of_2(channels))))
+        combine_block = min(1024, max(16, next_power_of_2(num_cand)))
+    else:
+        norms_blocks, combine_block = (32, 128), 256
+    return {
+        "blocks": blocks, "splits": splits, "dst_per_split": tiles_per_split * block_n,
+        "norms_grid": (cdiv(rows, norms_blocks[0]), batch), "norms_blocks": norms_blocks,
+        "match_grid": (cand_blocks, splits, batch),
+        "combine_grid": (cdiv(num_cand, combine_block), batch) if splits > 1 else None,
+        "combine_block": combine_block,
+    }
 
 
 def match_config(batch: int, num_cand: int, num_dst: int, channels: int, interpret: bool):
@@ -193,81 +222,65 @@ def match_config(batch: int, num_cand: int, num_dst: int, channels: int, interpr
          "combine_grid": ... or None when S == 1, "combine_block": ...}
 
     S splits the dst tiles so that the match launch has about ``TARGET_PROGRAMS`` programs."""
-    blocks = match_blocks(num_cand, num_dst, channels, interpret)
-    block_m, block_n = blocks[0], blocks[1]
-    cand_blocks = triton.cdiv(num_cand, block_m)
-    tiles = max(1, triton.cdiv(num_dst, block_n))
-    splits = min(tiles, max(1, triton.cdiv(TARGET_PROGRAMS, cand_blocks * batch)))
-    tiles_per_split = triton.cdiv(tiles, splits)
-    splits = triton.cdiv(tiles, tiles_per_split)
-    rows = num_cand + num_dst
-    if interpret:
-        norms_blocks = (min(128, max(16, triton.next_power_of_2(rows))),
-                        min(128, max(16, triton.next_power_of_2(channels))))
-        combine_block = min(1024, max(16, triton.next_power_of_2(num_cand)))
-    else:
-        norms_blocks, combine_block = (32, 128), 256
-    return {
-        "blocks": blocks, "splits": splits, "dst_per_split": tiles_per_split * block_n,
-        "norms_grid": (triton.cdiv(rows, norms_blocks[0]), batch), "norms_blocks": norms_blocks,
-        "match_grid": (cand_blocks, splits, batch),
-        "combine_grid": (triton.cdiv(num_cand, combine_block), batch) if splits > 1 else None,
-        "combine_block": combine_block,
-    }
+    return dict(_match_config(batch, num_cand, num_dst, channels, interpret))
 
 
-def bipartite_match(metric: torch.Tensor, cand_idx: torch.Tensor, dst_idx: torch.Tensor):
-    """Launch the matching kernels; returns ``(best float32 [B, Na], match int32 [B, Na])``."""
-    batch, _, channels = metric.shape
+def bipartite_match(metric: torch.Tensor, cand_idx: torch.Tensor, dst_idx: torch.Tensor, work=None):
+    """Launch the matching kernels; returns ``(best float32 [B, Na], match int32 [B, Na])``.
+    ``work``: see ``scores.work_buffer`` (the results are then reused buffers)."""
+    batch, num_tokens, channels = metric.shape
     num_cand, num_dst = cand_idx.shape[1], dst_idx.shape[1]
     interpret = _interpreting(metric)
     device = metric.device
-    best = torch.empty(batch, num_cand, dtype=torch.float32, device=device)
-    match = torch.empty(batch, num_cand, dtype=torch.int32, device=device)
+    best = work_buffer(work, "best", (batch, num_cand), torch.float32, device)
+    match = work_buffer(work, "match", (batch, num_cand), torch.int32, device)
     if batch == 0 or num_cand == 0:
         return best, match
-    cfg = match_config(batch, num_cand, num_dst, channels, interpret)
+    cfg = _match_config(batch, num_cand, num_dst, channels, interpret)
     block_m, block_n, block_c, num_warps, num_stages = cfg["blocks"]
     splits = cfg["splits"]
+    metric_strides, cand_strides, dst_strides = metric.stride(), cand_idx.stride(), dst_idx.stride()
 
-    inv = torch.empty(batch, num_cand + num_dst, dtype=torch.float32, device=device)
-    _row_norms_kernel[cfg["norms_grid"]](
-        inv, inv.stride(0), inv.stride(1),
-        metric, metric.stride(0), metric.stride(1), metric.stride(2),
-        cand_idx, cand_idx.stride(0), cand_idx.stride(1),
-        dst_idx, dst_idx.stride(0), dst_idx.stride(1),
-        num_cand, num_dst, channels, metric.shape[1],
+    rows = num_cand + num_dst
+    inv = work_buffer(work, "inv", (batch, rows), torch.float32, device)
+    _row_norms_kernel.run(
+        inv, rows, 1,  # strides of the new dense tensors are written out (no stride() calls)
+        metric, *metric_strides,
+        cand_idx, *cand_strides,
+        dst_idx, *dst_strides,
+        num_cand, num_dst, channels, num_tokens,
         BLOCK_R=cfg["norms_blocks"][0], BLOCK_C=cfg["norms_blocks"][1],
-        num_warps=1 if interpret else 4,
+        num_warps=1 if interpret else 4, grid=cfg["norms_grid"], warmup=False,
     )
 
-    if splits == 1:  # the match kernel writes the result itself
-        part_best, part_arg = best[:, None], match[:, None]
+    if splits == 1:  # the match kernel writes the result itself (one split of stride 0)
+        part_best, part_arg, part_strides = best, match, (num_cand, 0, 1)
     else:
-        part_best = torch.empty(batch, splits, num_cand, dtype=torch.float32, device=device)
-        part_arg = torch.empty(batch, splits, num_cand, dtype=torch.int32, device=device)
+        part_best = work_buffer(work, "part_best", (batch, splits, num_cand), torch.float32, device)
+        part_arg = work_buffer(work, "part_arg", (batch, splits, num_cand), torch.int32, device)
+        part_strides = (splits * num_cand, num_cand, 1)
     # tl.dot takes fp16/bf16 (fp32 accumulator) or fp32 operands: fp64 metrics are upcast to
     # fp32 like in the interpreter (a float64 dot into the fp32 accumulator does not compile).
     dot_fp32 = dot_operands_fp32(metric.dtype, interpret)
-    _bipartite_match_kernel[cfg["match_grid"]](
-        part_best, part_best.stride(0), part_best.stride(1) if splits > 1 else 0, part_best.stride(2),
-        part_arg, part_arg.stride(0), part_arg.stride(1) if splits > 1 else 0, part_arg.stride(2),
-        metric, metric.stride(0), metric.stride(1), metric.stride(2),
-        cand_idx, cand_idx.stride(0), cand_idx.stride(1),
-        dst_idx, dst_idx.stride(0), dst_idx.stride(1),
-        inv, inv.stride(0), inv.stride(1),
+    _bipartite_match_kernel.run(
+        part_best, *part_strides,
+        part_arg, *part_strides,
+        metric, *metric_strides,
+        cand_idx, *cand_strides,
+        dst_idx, *dst_strides,
+        inv, rows, 1,
         num_cand, num_dst, channels,
         cfg["dst_per_split"],
         DOT_FP32=dot_fp32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, grid=cfg["match_grid"], warmup=False,
     )
     if splits > 1:
-        _match_combine_kernel[cfg["combine_grid"]](
-            best, best.stride(0), best.stride(1),
-            match, match.stride(0), match.stride(1),
-            part_best, part_best.stride(0), part_best.stride(1), part_best.stride(2),
-            part_arg, part_arg.stride(0), part_arg.stride(1), part_arg.stride(2),
+        _match_combine_kernel.run(
+            best, num_cand, 1,
+            match, num_cand, 1,
+            part_best, *part_strides,
+            part_arg, *part_strides,
             num_cand, splits,
-            BLOCK=cfg["combine_block"], num_warps=1 if interpret else 2,
+            BLOCK=cfg["combine_block"], num_warps=1 if interpret else 2, grid=cfg["combine_grid"], warmup=False,
         )
     return best, match

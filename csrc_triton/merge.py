@@ -27,11 +27,13 @@ epilogue still applies); a segment row spans the CSR positions ``[lo, hi)`` with
 ``[0, N)`` add nothing, and a mean divides by ``max(hi - lo, 1)``. Valid plans are unaffected;
 the public ops check the values (CPU always, GPUs in debug mode) before launching.
 """
-import os
+import functools
 
 import torch
 import triton
 import triton.language as tl
+
+from .scores import INTERPRETED, cdiv, next_power_of_2, work_buffer
 
 MAX_BLOCK_C = 512  # channels per program; C=1536 (SD3) splits into 3 full blocks
 GATHER_TILE = 4096  # elements per gather program (BLOCK_T * BLOCK_C)
@@ -298,10 +300,14 @@ def _gather_rows_kernel(
 
 
 # -- launchers ------------------------------------------------------------------------------
+# Each public launcher checks the extents the kernels trust, then calls ``segment_launch`` /
+# ``gather_launch``, which only launch: ``MergePlan``'s block path calls those directly with the
+# strides of the plan tensors it computed once per plan. Launch configurations are computed
+# once per shape (``functools.lru_cache``), strides of the dense outputs are written out.
 
 def _check_runnable(t: torch.Tensor):
-    # Off CUDA the kernels only run in the interpreter, which must be on before triton's import.
-    if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    # Off CUDA the kernels only run in the interpreter, which is decided when triton.jit made them.
+    if not t.is_cuda and not INTERPRETED:
         raise RuntimeError(
             f"backend='triton' on a {t.device.type} tensor needs the Triton interpreter: set "
             "TRITON_INTERPRET=1 before triton is imported, or use backend='reference'"
@@ -310,18 +316,21 @@ def _check_runnable(t: torch.Tensor):
 
 def _unit_c(t):
     """``t`` with a unit stride in its last dimension (copies only when it has none)."""
-    if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1:
+    if t is None or t.stride()[-1] == 1 or t.shape[-1] <= 1:
         return t
     return t.contiguous()
 
 
+_ACC_DTYPES = {torch.float64: tl.float64}  # else tl.float32
+
+
 def _acc_dtype(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    return _ACC_DTYPES.get(dtype, tl.float32)
 
 
 def _block_c(channels: int) -> int:
     """Next power of two of C, in [16, MAX_BLOCK_C]."""
-    return min(max(triton.next_power_of_2(channels), 16), MAX_BLOCK_C)
+    return min(max(next_power_of_2(channels), 16), MAX_BLOCK_C)
 
 
 def _warps(elements: int) -> int:
@@ -330,21 +339,20 @@ def _warps(elements: int) -> int:
 
 def _check_shape(name, t, shape):
     # The kernels trust these extents (they bound every index read); values need no check.
-    if t is not None and tuple(t.shape) != tuple(shape):
+    if t is not None and t.shape != shape:
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
 
 
 def _strides(t, ndim):
     """Strides of an optional tensor (zeros for a missing one, whose pointer is never read)."""
-    return tuple(t.stride()[:ndim]) if t is not None else (0,) * ndim
+    return t.stride()[:ndim] if t is not None else (0,) * ndim
 
 
-def segment_config(batch: int, num_tokens: int, num_rows: int, channels: int):
-    """Launch configuration of the segment reduction (no tensor needed): the first pass over
-    whole chunks of ``SEG_CHUNK`` CSR positions (``chunk_grid``, None when N < SEG_CHUNK) and the
-    row pass (``row_grid``), with their tile sizes."""
+@functools.lru_cache(maxsize=512)
+def _segment_config(batch: int, num_tokens: int, num_rows: int, channels: int):
+    # ``segment_config``, computed once per shape (shared: the launchers only read it)
     block_c = _block_c(channels)
-    c_blocks = triton.cdiv(channels, block_c)
+    c_blocks = cdiv(channels, block_c)
     num_chunks = num_tokens // SEG_CHUNK
     rounds = 0
     while SEARCH_WIDTH ** rounds < num_rows:
@@ -358,13 +366,22 @@ def segment_config(batch: int, num_tokens: int, num_rows: int, channels: int):
         "chunk_block_t": min(SEG_CHUNK, tile),
         "block_t": min(SEG_ROW_TILE, tile),
         "block_k": min(SEG_CHUNK, tile),
+        "chunk_warps": _warps(min(SEG_CHUNK, tile) * block_c),
+        "row_warps": _warps(min(SEG_ROW_TILE, tile) * block_c),
     }
+
+
+def segment_config(batch: int, num_tokens: int, num_rows: int, channels: int):
+    """Launch configuration of the segment reduction (no tensor needed): the first pass over
+    whole chunks of ``SEG_CHUNK`` CSR positions (``chunk_grid``, None when N < SEG_CHUNK) and the
+    row pass (``row_grid``), with their tile sizes."""
+    return dict(_segment_config(batch, num_tokens, num_rows, channels))
 
 
 def segment_row_steps(lo: int, hi: int, num_tokens: int, channels: int) -> int:
     """Loop steps of the row program for a row at CSR positions ``[lo, hi)`` (valid plan): the
     serial work of the longest row, whatever its length."""
-    cfg = segment_config(1, num_tokens, 1, channels)
+    cfg = _segment_config(1, num_tokens, 1, channels)
     head_end = tail_start = hi
     mid = 0
     if cfg["chunk_grid"] is not None:
@@ -397,57 +414,84 @@ def segment_reduce(src, members, row_start, *, mean=True, gate=None, blend=None,
     _check_shape("row_start", row_start, (batch, num_rows + 1))
     _check_shape("blend", blend, (batch, num_tokens))
     _check_shape("gate", gate, (batch, channels))
-    out = torch.empty(batch, prefix + num_rows + suffix, channels, dtype=out_dtype or src.dtype, device=src.device)
-    if out.numel() == 0:
+    blend_u8 = blend.view(torch.uint8) if blend is not None else None
+    return segment_launch(src, src.stride(), members, members.stride(), row_start, row_start.stride(), num_tokens,
+                          num_rows, mean=mean, gate=gate, blend=(blend_u8, *_strides(blend_u8, 2)), mcw=mcw,
+                          out_dtype=out_dtype, max_members=max_members, prefix=prefix, suffix=suffix)
+
+
+def segment_launch(src, src_strides, members, member_strides, row_start, start_strides, num_tokens, num_rows, *,
+                   mean=True, gate=None, blend=(None, 0, 0), mcw=None, out_dtype=None, max_members=None, prefix=0,
+                   suffix=0, work=None):
+    """``segment_reduce`` on arguments it checked, with their strides (``src`` and ``gate`` with a
+    unit stride in C; ``blend``: ``(uint8 view of blend, its 2 strides)`` or ``(None, 0, 0)``):
+    allocates the output and launches. ``work``: the chunk pass's scratch from there
+    (``scores.work_buffer``)."""
+    batch, length, channels = src.shape
+    total = prefix + num_rows + suffix
+    out = torch.empty(batch, total, channels, dtype=out_dtype or src.dtype, device=src.device)
+    if batch == 0 or channels == 0 or total == 0:
         return out
     if num_rows == 0:  # only passthrough rows
         return out.copy_(src)
-    blend_u8 = blend.view(torch.uint8) if blend is not None else None
-    cfg = segment_config(batch, num_tokens, num_rows, channels)
-    cfg["row_grid"] = (prefix + num_rows + suffix,) + cfg["row_grid"][1:]
-    block_c, acc_dtype = cfg["block_c"], _acc_dtype(src.dtype)
-    span = src.narrow(1, prefix, num_tokens) if prefix or suffix else src  # the chunk pass reads the span only
-    blend_arg = (blend_u8 if blend_u8 is not None else members, *_strides(blend_u8, 2))
-    use_mcw, has_blend = mcw is not None, blend is not None
+    cfg = _segment_config(batch, num_tokens, num_rows, channels)
+    block_c, acc_dtype = cfg["block_c"], _ACC_DTYPES.get(src.dtype, tl.float32)
+    has_blend = blend[0] is not None
+    blend_arg = blend if has_blend else (members, 0, 0)
+    use_mcw = mcw is not None
     mcw_arg = float(mcw) if use_mcw else 1.0
     has_chunks = cfg["chunk_grid"] is not None and (max_members is None or max_members >= SEG_CHUNK)
     if has_chunks:
         num_chunks = cfg["chunk_grid"][0]
         part_dtype = torch.float64 if src.dtype == torch.float64 else torch.float32
-        part = torch.empty(batch, num_chunks, channels, dtype=part_dtype, device=src.device)
-        flags = torch.empty(batch, num_chunks, dtype=torch.int32, device=src.device)
-        _segment_chunk_kernel[cfg["chunk_grid"]](
-            part, part.stride(0), part.stride(1),
-            flags, flags.stride(0), flags.stride(1),
-            span, span.stride(0), span.stride(1),
-            members, members.stride(0), members.stride(1),
-            row_start, row_start.stride(0), row_start.stride(1),
+        part = work_buffer(work, part_dtype, (batch, num_chunks, channels), part_dtype, src.device)
+        flags = work_buffer(work, "flags", (batch, num_chunks), torch.int32, src.device)
+        part_arg, flag_arg = (part, num_chunks * channels, channels), (flags, num_chunks, 1)
+        span = src.narrow(1, prefix, num_tokens) if prefix else src  # the chunk pass reads the span only
+        _segment_chunk_kernel.run(
+            *part_arg,
+            *flag_arg,
+            span, src_strides[0], src_strides[1],
+            members, *member_strides,
+            row_start, *start_strides,
             *blend_arg,
             mcw_arg,
             num_tokens, num_rows, channels,
             cfg["search_rounds"],
             USE_MCW=use_mcw, HAS_BLEND=has_blend, ACC_DTYPE=acc_dtype,
             CHUNK=SEG_CHUNK, SEARCH_W=SEARCH_WIDTH, BLOCK_T=cfg["chunk_block_t"], BLOCK_C=block_c,
-            num_warps=_warps(cfg["chunk_block_t"] * block_c),
+            num_warps=cfg["chunk_warps"], grid=cfg["chunk_grid"], warmup=False,
         )
     else:  # no whole chunk (N < CHUNK): never read
-        part, flags = src, members
-    _segment_reduce_kernel[cfg["row_grid"]](
-        out, out.stride(0), out.stride(1),
-        src, src.stride(0), src.stride(1),
-        members, members.stride(0), members.stride(1),
-        row_start, row_start.stride(0), row_start.stride(1),
+        part_arg, flag_arg = (src, 0, 0), (members, 0, 0)
+    row_grid = cfg["row_grid"] if total == num_rows else (total,) + cfg["row_grid"][1:]
+    _segment_reduce_kernel.run(
+        out, total * channels, channels,  # a new dense tensor
+        src, src_strides[0], src_strides[1],
+        members, *member_strides,
+        row_start, *start_strides,
         *blend_arg,
-        gate if gate is not None else src, *_strides(gate, 1),
-        part, *(part.stride()[:2] if has_chunks else (0, 0)),
-        flags, *(flags.stride()[:2] if has_chunks else (0, 0)),
+        gate if gate is not None else src, gate.stride()[0] if gate is not None else 0,
+        *part_arg,
+        *flag_arg,
         mcw_arg,
         num_tokens, num_rows, channels, prefix,
         MEAN=mean, USE_MCW=use_mcw, HAS_BLEND=has_blend, HAS_GATE=gate is not None, HAS_CHUNKS=has_chunks,
         ACC_DTYPE=acc_dtype, CHUNK=SEG_CHUNK, BLOCK_T=cfg["block_t"], BLOCK_K=cfg["block_k"], BLOCK_C=block_c,
-        num_warps=_warps(cfg["block_t"] * block_c),
+        num_warps=cfg["row_warps"], grid=row_grid, warmup=False,
     )
     return out
+
+
+@functools.lru_cache(maxsize=512)
+def gather_config(batch: int, total: int, channels: int):
+    """``(grid, BLOCK_T, BLOCK_C, num_warps)`` of the row gather writing ``[batch, total, channels]``."""
+    block_c = _block_c(channels)
+    block_t = min(max(GATHER_TILE // block_c, 1), next_power_of_2(total))
+    return (cdiv(total, block_t), cdiv(channels, block_c), batch), block_t, block_c, _warps(block_t * block_c)
+
+
+NO_TENSOR = (None, 0, 0)  # an absent optional tensor of gather_launch / segment_launch (tensor, 2 strides)
 
 
 def gather_rows(src, index, *, residual=None, gate=None, cache=None, blend=None, mcw=1.0,
@@ -471,29 +515,45 @@ def gather_rows(src, index, *, residual=None, gate=None, cache=None, blend=None,
     _check_shape("blend", blend, (batch, num_tokens))
     _check_shape("gate", gate, (batch, channels))
     _check_shape("row_start", row_start, (batch, num_rows + 1))
-    out = torch.empty(batch, total, channels, dtype=out_dtype or src.dtype, device=src.device)
-    if out.numel() == 0:
-        return out
     blend_u8 = blend.view(torch.uint8) if blend is not None else None
-    block_c = _block_c(channels)
-    block_t = min(max(GATHER_TILE // block_c, 1), triton.next_power_of_2(total))
-    grid = (triton.cdiv(total, block_t), triton.cdiv(channels, block_c), batch)
-    _gather_rows_kernel[grid](
-        out, out.stride(0), out.stride(1),
-        src, src.stride(0), src.stride(1),
-        index, index.stride(0), index.stride(1),
-        residual if residual is not None else src, *_strides(residual, 2),
-        gate if gate is not None else src, *_strides(gate, 1),
-        cache if cache is not None else src, *_strides(cache, 2),
-        blend_u8 if blend_u8 is not None else index, *_strides(blend_u8, 2),
-        row_start if row_start is not None else index, *_strides(row_start, 2),
+
+    def arg(t):
+        return (t, *_strides(t, 2))
+
+    return gather_launch(src, src.stride(), index, index.stride(), num_tokens, residual=arg(residual),
+                         gate=gate, cache=arg(cache), blend=arg(blend_u8), row_start=arg(row_start), mcw=mcw,
+                         out_dtype=out_dtype, gate_first=gate_first, prefix=prefix, suffix=suffix)
+
+
+def gather_launch(src, src_strides, index, index_strides, num_tokens, *, residual=NO_TENSOR, gate=None,
+                  cache=NO_TENSOR, blend=NO_TENSOR, row_start=NO_TENSOR, mcw=1.0, out_dtype=None, gate_first=False,
+                  prefix=0, suffix=0):
+    """``gather_rows`` on arguments it checked, with their strides (unit strides in C; ``residual``,
+    ``cache``, ``blend`` (its uint8 view), ``row_start``: ``(tensor, its first 2 strides)`` or
+    ``(None, 0, 0)``): allocates the output and launches."""
+    batch, length, channels = src.shape
+    total = prefix + num_tokens + suffix
+    out = torch.empty(batch, total, channels, dtype=out_dtype or src.dtype, device=src.device)
+    if batch == 0 or channels == 0 or total == 0:
+        return out
+    grid, block_t, block_c, num_warps = gather_config(batch, total, channels)
+    has_residual, has_cache, has_blend, count_scale = (residual[0] is not None, cache[0] is not None,
+                                                        blend[0] is not None, row_start[0] is not None)
+    _gather_rows_kernel.run(
+        out, total * channels, channels,  # a new dense tensor
+        src, src_strides[0], src_strides[1],
+        index, *index_strides,
+        *(residual if has_residual else (src, 0, 0)),
+        gate if gate is not None else src, gate.stride()[0] if gate is not None else 0,
+        *(cache if has_cache else (src, 0, 0)),
+        *(blend if has_blend else (index, 0, 0)),
+        *(row_start if count_scale else (index, 0, 0)),
         float(mcw), 1.0 - float(mcw),
-        num_tokens, num_rows, channels, prefix, total,
-        HAS_RESIDUAL=residual is not None, HAS_GATE=gate is not None, GATE_FIRST=bool(gate_first),
-        HAS_CACHE=cache is not None,
-        HAS_BLEND=blend is not None, COUNT_SCALE=row_start is not None,
-        ACC_DTYPE=_acc_dtype(src.dtype), BLOCK_T=block_t, BLOCK_C=block_c,
-        num_warps=_warps(block_t * block_c),
+        num_tokens, length - prefix - suffix, channels, prefix, total,
+        HAS_RESIDUAL=has_residual, HAS_GATE=gate is not None, GATE_FIRST=bool(gate_first),
+        HAS_CACHE=has_cache, HAS_BLEND=has_blend, COUNT_SCALE=count_scale,
+        ACC_DTYPE=_ACC_DTYPES.get(src.dtype, tl.float32), BLOCK_T=block_t, BLOCK_C=block_c,
+        num_warps=num_warps, grid=grid, warmup=False,
     )
     return out
 

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ..reference.windows import grid_3d
-from .scores import _interpreting
+from .scores import _interpreting, next_power_of_2, work_buffer
 
 
 @triton.jit
@@ -327,7 +327,7 @@ def _bipartite_plan_kernel(
 
 
 def _block(num_tokens: int, interpret: bool, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(max(num_tokens, 1))))
+    return max(16, min(cap, next_power_of_2(max(num_tokens, 1))))
 
 
 def _li_target(li_out, batch, num_tokens, device):
@@ -335,7 +335,7 @@ def _li_target(li_out, batch, num_tokens, device):
     current ``li`` itself: each token's counter is read and written by the same lane)."""
     if li_out is None:
         return None
-    if li_out.dtype != torch.int32 or tuple(li_out.shape) != (batch, num_tokens) or not li_out.is_contiguous() \
+    if li_out.dtype != torch.int32 or li_out.shape != (batch, num_tokens) or not li_out.is_contiguous() \
             or li_out.device != device:
         raise ValueError(f"li_out must be a contiguous int32 [{batch}, {num_tokens}] tensor on {device}, got "
                          f"{li_out.dtype} {list(li_out.shape)} on {li_out.device}")
@@ -356,11 +356,18 @@ def _plan_outputs(batch, num_tokens, num_rows, device, write_li, li_out=None):
     return row, members, row_start, rep, blend, li_next
 
 
-def ssm_plan(rank, dst_pos, grid, window, num_rows, li=None, prune=False, write_li=True, li_out=None):
+def _li_strides(li):
+    # li is read with its strides ([B, N] views of a caller's buffer are fine)
+    strides = li.stride()
+    return strides[0], strides[-1]
+
+
+def ssm_plan(rank, dst_pos, grid, window, num_rows, li=None, prune=False, write_li=True, li_out=None, work=None):
     """``(row_of_token, members, row_start, rep_token, blend, li_next or None)`` from the window
     ranks ``[B, G]`` of ``topk_rank`` and the dst positions ``[B, R]`` of the selected windows
     (None: position 0). ``grid`` ``(H, W)`` or ``(T, H, W)``, ``window`` of the same length.
-    ``li_out``: write the next li there (in place, e.g. into ``li`` itself) instead of a new tensor."""
+    ``li_out``: write the next li there (in place, e.g. into ``li`` itself) instead of a new tensor.
+    ``work``: the kernel's scratch from there (``scores.work_buffer``)."""
     batch = rank.shape[0]
     (depth, height, width), (win_t, win_h, win_w) = grid_3d(grid, window)
     num_tokens = depth * height * width
@@ -368,75 +375,75 @@ def ssm_plan(rank, dst_pos, grid, window, num_rows, li=None, prune=False, write_
     outs = _plan_outputs(batch, num_tokens, num_rows, device, write_li, li_out)
     if batch == 0 or num_tokens == 0:
         return outs
-    scratch = torch.empty(batch, 2, num_tokens, dtype=torch.int32, device=device)
+    scratch = work_buffer(work, "ssm_scratch", (batch, 2, num_tokens), torch.int32, device)
     has_dst = dst_pos is not None and dst_pos.numel() > 0  # nothing to read when nothing is selected
     dst = dst_pos if has_dst else rank
     li_arg = li if li is not None else scratch
-    block = _block(num_tokens, _interpreting(rank), 1024)
-    _ssm_plan_kernel[(batch,)](
+    _ssm_plan_kernel.run(
         *outs[:5], outs[5] if write_li else scratch, scratch,
-        rank, rank.stride(0), rank.stride(1),
-        dst, dst.stride(0), dst.stride(1),
-        li_arg, li_arg.stride(0), li_arg.stride(-1),
+        rank, *rank.stride(),
+        dst, *dst.stride(),
+        li_arg, *_li_strides(li_arg),
         num_tokens, num_rows,
         height, width,
         depth // win_t, height // win_h, width // win_w,
         WIN_T=win_t, WIN_H=win_h, WIN_W=win_w, HAS_T=depth > 1, HAS_DST=has_dst, HAS_LI=li is not None,
-        PRUNE=bool(prune), WRITE_LI=bool(write_li), BLOCK=block, num_warps=4,
+        PRUNE=bool(prune), WRITE_LI=bool(write_li), BLOCK=_block(num_tokens, _interpreting(rank), 1024), num_warps=4,
+        grid=(batch,), warmup=False,
     )
     return outs
 
 
-def bipartite_lists(grid, window, batch, device, li=None, dst_pos=None):
+def bipartite_lists(grid, window, batch, device, li=None, dst_pos=None, work=None):
     """``(dst_token [B, G], cand_token [B, N - G])`` int32: the dst of every window from ``li``
     (first argmax), else from ``dst_pos`` (``[B, G]``, or ``[G]`` shared by the batch), else 0.
-    ``grid`` ``(H, W)`` or ``(T, H, W)``, ``window`` of the same length."""
+    ``grid`` ``(H, W)`` or ``(T, H, W)``, ``window`` of the same length. ``work``: see
+    ``scores.work_buffer`` (the results are then reused buffers)."""
     (depth, height, width), (win_t, win_h, win_w) = grid_3d(grid, window)
     num_tokens = depth * height * width
     win_slices, win_rows, win_cols = depth // win_t, height // win_h, width // win_w
     num_windows = win_slices * win_rows * win_cols
-    dst_token = torch.empty(batch, num_windows, dtype=torch.int32, device=device)
-    cand_token = torch.empty(batch, num_tokens - num_windows, dtype=torch.int32, device=device)
+    dst_token = work_buffer(work, "dst_token", (batch, num_windows), torch.int32, device)
+    cand_token = work_buffer(work, "cand_token", (batch, num_tokens - num_windows), torch.int32, device)
     if batch == 0 or num_tokens == 0:
         return dst_token, cand_token
     li_arg = li if li is not None else dst_token
     pos = dst_pos if dst_pos is not None else dst_token
     pos_strides = (0, pos.stride(0)) if pos.dim() == 1 else (pos.stride(0), pos.stride(1))
-    block = _block(num_tokens, _interpreting(dst_token), 1024)
-    _bipartite_lists_kernel[(batch,)](
+    _bipartite_lists_kernel.run(
         dst_token, cand_token,
-        li_arg, li_arg.stride(0), li_arg.stride(-1),
-        pos, pos_strides[0], pos_strides[1],
+        li_arg, *_li_strides(li_arg),
+        pos, *pos_strides,
         num_tokens,
         height, width,
         win_slices, win_rows, win_cols,
         WIN_T=win_t, WIN_H=win_h, WIN_W=win_w, HAS_T=depth > 1, HAS_LI=li is not None, HAS_POS=dst_pos is not None,
-        BLOCK=block, num_warps=4,
+        BLOCK=_block(num_tokens, _interpreting(dst_token), 1024), num_warps=4, grid=(batch,), warmup=False,
     )
     return dst_token, cand_token
 
 
 def bipartite_plan(cand_token, dst_token, match, chosen_rank, num_tokens, num_rows, li=None, prune=False,
-                   write_li=True, li_out=None):
+                   write_li=True, li_out=None, work=None):
     """``(row_of_token, members, row_start, rep_token, blend, li_next or None)``: the candidates
     with ``chosen_rank >= 0`` join the dst ``dst_token[match]``; everything else stays alone.
-    ``li_out`` as for ``ssm_plan``."""
+    ``li_out`` and ``work`` as for ``ssm_plan``."""
     batch = cand_token.shape[0]
     device = cand_token.device
     outs = _plan_outputs(batch, num_tokens, num_rows, device, write_li, li_out)
     if batch == 0 or num_tokens == 0:
         return outs
-    scratch = torch.empty(batch, 6, num_tokens, dtype=torch.int32, device=device)
+    scratch = work_buffer(work, "bipartite_scratch", (batch, 6, num_tokens), torch.int32, device)
     li_arg = li if li is not None else scratch
-    interpret = _interpreting(cand_token)
-    block = _block(num_tokens, interpret, 128)  # the in-block rank compares BLOCK x BLOCK pairs
-    _bipartite_plan_kernel[(batch,)](
+    block = _block(num_tokens, _interpreting(cand_token), 128)  # the in-block rank compares BLOCK x BLOCK pairs
+    _bipartite_plan_kernel.run(
         *outs[:5], outs[5] if write_li else scratch, scratch,
         cand_token, dst_token,
-        match, match.stride(0), match.stride(1),
-        chosen_rank, chosen_rank.stride(0), chosen_rank.stride(1),
-        li_arg, li_arg.stride(0), li_arg.stride(-1),
+        match, *match.stride(),
+        chosen_rank, *chosen_rank.stride(),
+        li_arg, *_li_strides(li_arg),
         num_tokens, num_rows, dst_token.shape[1],
         HAS_LI=li is not None, PRUNE=bool(prune), WRITE_LI=bool(write_li), BLOCK=block, num_warps=4,
+        grid=(batch,), warmup=False,
     )
     return outs

@@ -15,6 +15,7 @@ The kernel never builds the Gram matrix: ``sum_{p,q} cos(t_p, t_q) = ||sum_p t_p
 Pass 1 over C accumulates the squared norms of the K tokens of each window, pass 2 the
 squared norm of the sum of the normalised tokens (the second read mostly hits L2).
 """
+import functools
 import os
 
 import torch
@@ -123,6 +124,27 @@ def _window_scores_kernel(
     tl.store(out_ptr + pid_b * stride_ob + g.to(tl.int64) * stride_og, sim, mask=gmask)
 
 
+# Plain-Python forms of ``triton.cdiv`` / ``triton.next_power_of_2``: in triton 3.x those are
+# constexpr functions whose host-side call costs ~1.5 us (argument unwrapping) each, and the
+# launchers make a dozen of them per block.
+cdiv = getattr(triton.cdiv, "fn", triton.cdiv)
+next_power_of_2 = getattr(triton.next_power_of_2, "fn", triton.next_power_of_2)
+
+
+def work_buffer(work, name, shape, dtype, device):
+    """``torch.empty(shape, dtype=dtype, device=device)``; with ``work`` (a caller's dict of scratch
+    buffers, kept from launch to launch) the buffer of that name and shape made at the first call:
+    a temporary that no caller keeps (the block path reuses them from block to block of a
+    transformer call; launches on one stream run in order, so a reuse never overlaps a read)."""
+    if work is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    key = (name, shape)
+    buf = work.get(key)
+    if buf is None:
+        buf = work[key] = torch.empty(shape, dtype=dtype, device=device)
+    return buf
+
+
 def dot_operands_fp32(dtype: torch.dtype, interpret: bool) -> bool:
     """Whether ``tl.dot`` gets fp32 operands (``DOT_FP32``). On a GPU fp16/bf16 inputs go to the
     tensor cores as they are (products are exact in the fp32 accumulator). The interpreter
@@ -133,10 +155,23 @@ def dot_operands_fp32(dtype: torch.dtype, interpret: bool) -> bool:
     return interpret and os.environ.get("SDTM_INTERPRET_HALF_DOT", "0") != "1"
 
 
+def _kernels_interpreted() -> bool:
+    """Whether this module's kernels were made for the Triton interpreter: ``triton.jit`` decides
+    it when the module is imported (``TRITON_INTERPRET=1`` then), so it is read once."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # a triton without the interpreter
+        return False
+    return isinstance(_window_scores_kernel, InterpretedFunction)
+
+
+INTERPRETED = _kernels_interpreted()
+
+
 def _interpreting(t: torch.Tensor) -> bool:
     if t.is_cuda:
         return False
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if not INTERPRETED:
         raise RuntimeError(
             "Triton kernels on CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 "
             "before triton is first imported, or use backend='reference'"
@@ -144,50 +179,58 @@ def _interpreting(t: torch.Tensor) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
 def window_score_blocks(num_windows: int, window_size: int, channels: int, interpret: bool):
     """(BLOCK_G, BLOCK_K, BLOCK_C, num_warps): a small tile per program on a GPU (many programs,
     [16, K, 64] elements in registers); big tiles in the interpreter (fewer Python steps)."""
-    block_k = triton.next_power_of_2(window_size)
+    block_k = next_power_of_2(window_size)
     if interpret:
-        return (min(64, triton.next_power_of_2(num_windows)), block_k,
-                min(128, max(16, triton.next_power_of_2(channels))), 1)  # >= 16: C may be 0
-    block_c = min(128, max(16, triton.next_power_of_2(channels)))
+        return (min(64, next_power_of_2(num_windows)), block_k,
+                min(128, max(16, next_power_of_2(channels))), 1)  # >= 16: C may be 0
+    block_c = min(128, max(16, next_power_of_2(channels)))
     block_g = max(1, min(16, 1024 // (block_k * block_c) * 4))
     return block_g, block_k, block_c, 4
 
 
-def window_scores(metric: torch.Tensor, grid, window, li=None, a_s: float = 0.0, paper: bool = False) -> torch.Tensor:
-    """Launch ``_window_scores_kernel``; returns float32 ``[B, G]``.
-
-    ``metric [B, N, C]`` any strides; ``grid`` ``(H, W)`` or ``(T, H, W)`` with ``window`` of the
-    same length; ``li`` int ``[B, N]`` or None (no bonus when None)."""
-    batch, num_tokens, channels = metric.shape
+@functools.lru_cache(maxsize=256)
+def _scores_setup(batch, num_tokens, channels, grid, window, interpret):
+    """Everything a launch needs that follows from the sizes: ``(num_windows, launch grid, the
+    size arguments, the constexprs)`` (computed once per shape)."""
     (depth, height, width), (win_t, win_h, win_w) = grid_3d(grid, window)
     win_rows, win_cols = height // win_h, width // win_w
     num_windows = (depth // win_t) * win_rows * win_cols
-    interpret = _interpreting(metric)
-    out = torch.empty(batch, num_windows, dtype=torch.float32, device=metric.device)
+    block_g, block_k, block_c, num_warps = window_score_blocks(num_windows, win_t * win_h * win_w, channels,
+                                                               interpret)
+    sizes = (num_tokens, num_windows, channels, height, width, win_rows, win_cols)
+    consts = dict(WIN_T=win_t, WIN_H=win_h, WIN_W=win_w, HAS_T=depth > 1, BLOCK_G=block_g, BLOCK_K=block_k,
+                  BLOCK_C=block_c, BLOCK_N=min(1024, next_power_of_2(max(num_tokens, 1))), num_warps=num_warps)
+    return num_windows, (cdiv(num_windows, block_g), batch), sizes, consts
+
+
+def window_scores(metric: torch.Tensor, grid, window, li=None, a_s: float = 0.0, paper: bool = False,
+                  work=None) -> torch.Tensor:
+    """Launch ``_window_scores_kernel``; returns float32 ``[B, G]``.
+
+    ``metric [B, N, C]`` any strides; ``grid`` ``(H, W)`` or ``(T, H, W)`` with ``window`` of the
+    same length; ``li`` int ``[B, N]`` or None (no bonus when None). ``work``: see ``work_buffer``
+    (the result is then a reused buffer)."""
+    batch, num_tokens, channels = metric.shape
+    num_windows, launch, sizes, consts = _scores_setup(batch, num_tokens, channels, tuple(grid), tuple(window),
+                                                       _interpreting(metric))
+    out = work_buffer(work, "scores", (batch, num_windows), torch.float32, metric.device)
     if batch == 0 or num_windows == 0:
         return out
     has_li = li is not None
     if has_li:
-        li_arg, stride_lb, stride_ln = li, li.stride(0), li.stride(1)
+        li_arg, (stride_lb, stride_ln) = li, li.stride()
     else:
         li_arg, stride_lb, stride_ln = out, 0, 0
-    block_g, block_k, block_c, num_warps = window_score_blocks(num_windows, win_t * win_h * win_w, channels,
-                                                               interpret)
-    launch = (triton.cdiv(num_windows, block_g), batch)
-    _window_scores_kernel[launch](
-        out, out.stride(0), out.stride(1),
-        metric, metric.stride(0), metric.stride(1), metric.stride(2),
+    _window_scores_kernel.run(
+        out, num_windows, 1,  # out's strides (a new dense tensor)
+        metric, *metric.stride(),
         li_arg, stride_lb, stride_ln,
-        num_tokens, num_windows, channels,
-        height, width,
-        win_rows, win_cols,
+        *sizes,
         float(a_s),
-        WIN_T=win_t, WIN_H=win_h, WIN_W=win_w, HAS_T=depth > 1, HAS_LI=has_li, PAPER=bool(paper),
-        BLOCK_G=block_g, BLOCK_K=block_k, BLOCK_C=block_c,
-        BLOCK_N=min(1024, triton.next_power_of_2(max(num_tokens, 1))),
-        num_warps=num_warps,
+        HAS_LI=has_li, PAPER=bool(paper), **consts, grid=launch, warmup=False,
     )
     return out

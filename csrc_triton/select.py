@@ -20,11 +20,13 @@ launch, no atomics, and bit-identical results for any chunk size.
 
 The plan tensors are built from the ranks by ``plan_build.py``.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from .scores import _interpreting
+from .scores import _interpreting, cdiv, next_power_of_2, work_buffer
 
 TARGET_PROGRAMS = 264  # 2 programs per SM of an H100 (132 SMs)
 RADIX_BITS = 8  # digit width of one radix round (4 rounds cover the 32-bit key)
@@ -105,33 +107,36 @@ def _topk_rank_kernel(
     tl.store(r_row + idx.to(tl.int64) * stride_ri, tl.where(chosen, rank, -1), mask=mask)
 
 
+@functools.lru_cache(maxsize=256)
 def topk_config(batch: int, n: int, interpret: bool):
     """``(grid, BLOCK, CHUNK, num_warps)`` of ``_topk_rank_kernel`` for ``[batch, n]`` scores:
     chunks sized so the launch has about ``TARGET_PROGRAMS`` programs (at least 8 positions
     per chunk on a GPU, 128 in the interpreter, at most one radix block)."""
-    block = min(1024 if interpret else 4096, max(16, triton.next_power_of_2(n)))
-    want = triton.next_power_of_2(max(1, triton.cdiv(n * batch, TARGET_PROGRAMS)))
+    block = min(1024 if interpret else 4096, max(16, next_power_of_2(n)))
+    want = next_power_of_2(max(1, cdiv(n * batch, TARGET_PROGRAMS)))
     chunk = min(block, max(128 if interpret else 8, want))
-    grid = (triton.cdiv(n, chunk), batch)
+    grid = (cdiv(n, chunk), batch)
     return grid, block, chunk, 1 if interpret else (8 if block >= 2048 else 4)
 
 
-def topk_rank(scores: torch.Tensor, k: int) -> torch.Tensor:
+def topk_rank(scores: torch.Tensor, k: int, work=None) -> torch.Tensor:
     """Launch ``_topk_rank_kernel``: int32 ``[B, n]``, the rank of each of the k largest scores
-    of its row among them in ascending index order (ties: lower index selected), else -1."""
+    of its row among them in ascending index order (ties: lower index selected), else -1.
+    ``work``: see ``scores.work_buffer`` (the result is then a reused buffer)."""
     batch, n = scores.shape
     interpret = _interpreting(scores)
-    scores = scores.to(torch.float32)
-    rank = torch.empty(batch, n, dtype=torch.int32, device=scores.device)
+    if scores.dtype != torch.float32:
+        scores = scores.to(torch.float32)
+    rank = work_buffer(work, "rank", (batch, n), torch.int32, scores.device)
     if batch == 0 or n == 0:
         return rank
     if not 0 <= k <= n:
         raise ValueError(f"k must be in [0, {n}], got {k}")
     grid, block, chunk, num_warps = topk_config(batch, n, interpret)
-    _topk_rank_kernel[grid](
-        rank, rank.stride(0), rank.stride(1),
-        scores, scores.stride(0), scores.stride(1),
+    _topk_rank_kernel.run(
+        rank, n, 1,  # rank's strides (a new dense tensor)
+        scores, *scores.stride(),
         n, k,
-        BLOCK=block, CHUNK=chunk, num_warps=num_warps,
+        BLOCK=block, CHUNK=chunk, num_warps=num_warps, grid=grid, warmup=False,
     )
     return rank

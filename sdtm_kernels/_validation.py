@@ -10,6 +10,10 @@ Two kinds of checks:
   ``SDTM_DEBUG=1``). The kernels never read out of bounds whatever the values, so skipping
   a value check never crashes; it only leaves a bad index's result to the documented
   defined fallback (see ``docs/SEMANTICS.md``, "Index contract").
+
+The blocks of a patched model check their planner arguments once per transformer call and their
+plans' contents in debug mode only (``ops._block_path``); they read ``SDTM_DEBUG`` once per call
+(``read_call_flags`` in ``SDTMState.begin_call``), ``set_debug`` at once.
 """
 import math
 import numbers
@@ -37,7 +41,27 @@ def debug_enabled() -> bool:
     """``set_debug``'s value, else ``SDTM_DEBUG`` (``1``/``true``/``yes``/``on``)."""
     if _DEBUG is not None:
         return _DEBUG
+    return _env_debug()
+
+
+def _env_debug() -> bool:
     return os.environ.get("SDTM_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+_CALL_ENV_DEBUG = False  # SDTM_DEBUG as read by read_call_flags, at the start of a transformer call
+
+
+def read_call_flags() -> None:
+    """Read ``SDTM_DEBUG`` for one transformer call (``SDTMState.begin_call``): the blocks of the
+    call ask ``call_debug`` instead of reading the environment once per plan."""
+    global _CALL_ENV_DEBUG
+    _CALL_ENV_DEBUG = _env_debug()
+
+
+def call_debug() -> bool:
+    """``debug_enabled()`` inside a transformer call: ``set_debug``'s value (it takes effect at
+    once), else ``SDTM_DEBUG`` as it was when the call began."""
+    return _DEBUG if _DEBUG is not None else _CALL_ENV_DEBUG
 
 
 def values_checked(tensor) -> bool:

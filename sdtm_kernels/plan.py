@@ -36,6 +36,8 @@ class MergePlan:
     ``validate=True``, or by default for CPU tensors outside ``torch.compile`` and, in debug
     mode (``sdtm_kernels.ops.set_debug(True)`` / ``SDTM_DEBUG=1``), on every device (on a GPU
     that check synchronises with the host: call ``plan.check()`` explicitly there otherwise).
+    The plans of SDTM's patched blocks (eager, Triton backend: ``ops._block_path``) are built
+    without these checks, their contents checked in debug mode only, on CPU as on a GPU.
     """
 
     row_of_token: torch.Tensor
@@ -54,6 +56,25 @@ class MergePlan:
     # A bound on the members per row known from the construction (SSM plans: the window size),
     # or None. Lets the Triton merge skip its long-row pass.
     max_members = None
+    # The block path's launch arguments (``ops._block_path.BlockApply``), set on the plans that
+    # ``SDTMState.build_plan`` built: their merge / unmerge launch without checking the plan again.
+    _fast = None
+    _blend_u8 = None  # (blend.view(uint8), its strides), made by the block path's first unmerge
+
+    @classmethod
+    def _trusted(cls, row_of_token, members, row_start, rep_token, blend, num_tokens: int, num_rows: int):
+        """A plan from tensors the package built with the right layout (no checks: the block path
+        checks the contents only in debug mode, ``plan.check()``)."""
+        plan = cls.__new__(cls)
+        plan.row_of_token, plan.members, plan.row_start = row_of_token, members, row_start
+        plan.rep_token, plan.blend, plan.num_tokens, plan.num_rows = rep_token, blend, num_tokens, num_rows
+        return plan
+
+    def __getstate__(self):  # pickles and copies take the checked way (no launch arguments, no buffers)
+        state = dict(self.__dict__)
+        state.pop("_fast", None)
+        state.pop("_blend_u8", None)
+        return state
 
     def __post_init__(self, validate):
         self._check_layout()
@@ -161,6 +182,11 @@ class MergePlan:
         ``prefix`` / ``suffix``: ``x`` is a joint sequence ``[B, prefix + N + suffix, C]`` (e.g. text
         tokens around the image): those rows are copied around the merged ones, in the same launch
         on the Triton backend, ``[B, prefix + M + suffix, C]``."""
+        fast = self._fast
+        if fast is not None and backend == fast.backend:
+            out = fast.merge(self, x, mode, prefix, suffix)
+            if out is not None:
+                return out
         prefix, suffix = self._passthrough(prefix, suffix)
         self._check_length("x", x, prefix + self.num_tokens + suffix, "prefix + N + suffix" if prefix or suffix else "N")
         if mode == "mean":
@@ -182,6 +208,11 @@ class MergePlan:
         ``prefix`` / ``suffix``: ``y`` is ``[B, prefix + M + suffix, C]``; those rows pass through
         (``residual + gate * y``, no cache) around the unmerged tokens: ``residual`` and the
         result are ``[B, prefix + N + suffix, C]``, ``cache`` covers the plan's N tokens."""
+        fast = self._fast
+        if fast is not None and backend == fast.backend:
+            out = fast.unmerge(self, y, residual, gate, cache, mcw, gate_first, prefix, suffix)
+            if out is not None:
+                return out
         prefix, suffix = self._passthrough(prefix, suffix)
         self._check_length("y", y, prefix + self.num_rows + suffix, "prefix + M + suffix" if prefix or suffix else "M")
         backend = resolve_backend(backend, y.device, "unmerge")

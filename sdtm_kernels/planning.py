@@ -123,6 +123,68 @@ def _check_li_out(li_out, metric):
     return li_out
 
 
+def _ssm_checks(metric, grid, n_remove, window, li, a_s, score, random_dst, generator, li_mode, dst_draw, li_out):
+    grid, window, n_remove = _common_checks(metric, grid, n_remove, window, li, generator, random_dst)
+    li_out = _check_li_out(li_out, metric)
+    a_s = check_float("a_s", a_s)
+    if score not in SCORE_VARIANTS:
+        raise ValueError(f"score must be one of {SCORE_VARIANTS}, got {score!r}")
+    li_mode = check_choice("li_mode", li_mode, LI_MODES)
+    dst_draw = _check_draw(dst_draw, metric, ref_schedule.ssm_windows_to_merge(
+        n_remove, count_window_tokens(window), count_windows(grid, window)))
+    return grid, window, n_remove, li_out, a_s, li_mode, dst_draw
+
+
+def _idm_checks(metric, grid, n_remove, window, li, random_dst, generator, li_mode, dst_draw, li_out):
+    grid, window, n_remove = _common_checks(metric, grid, n_remove, window, li, generator, random_dst)
+    li_out = _check_li_out(li_out, metric)
+    li_mode = check_choice("li_mode", li_mode, LI_MODES)
+    dst_draw = _check_draw(dst_draw, metric, count_windows(grid, window))
+    return grid, window, n_remove, li_out, li_mode, dst_draw
+
+
+def _idm_attention_checks(metric, grid, n_remove, received, a_d, window, li, random_dst, generator, li_mode, dst_draw,
+                          li_out):
+    grid, window, n_remove = _common_checks(metric, grid, n_remove, window, li, generator, random_dst)
+    li_out = _check_li_out(li_out, metric)
+    check_tensor("received", received, ndim=2)
+    if not received.dtype.is_floating_point:
+        raise TypeError(f"received must be a floating tensor, got {received.dtype}")
+    if tuple(received.shape) != tuple(metric.shape[:2]):
+        raise ValueError(f"received must have shape [B, N] = {tuple(metric.shape[:2])}, got {tuple(received.shape)}")
+    check_same_device("received", received, "metric", metric)
+    a_d = check_float("a_d", a_d)
+    li_mode = check_choice("li_mode", li_mode, LI_MODES)
+    dst_draw = _check_draw(dst_draw, metric, count_windows(grid, window))
+    return grid, window, n_remove, li_out, li_mode, dst_draw, a_d
+
+
+def block_planner(kind, metric, grid, n_remove, *, window=(2, 2), li=None, a_s=0.05, a_d=0.05, received=None,
+                  random_dst=False, generator=None, backend=None, li_mode="mean", dst_draw=None, li_out=None,
+                  work=None):
+    """The checks ``plan_ssm`` (``kind="ssm"``), ``plan_idm`` or, with ``received``,
+    ``plan_idm_attention`` make on these arguments (the same errors), then a
+    ``ops._block_path.BlockPlanner`` that builds such plans for arguments like these (the same
+    shapes, dtypes and devices) without checking them again: the block path of ``SDTMState``
+    (eager, Triton backend). None when the backend is not Triton (the public planner then runs).
+    ``work``: the dict of reused temporaries of the launches (``BlockPlanner``), or None."""
+    if kind == "ssm":
+        grid, window, n_remove, li_out, a_s, li_mode, dst_draw = _ssm_checks(
+            metric, grid, n_remove, window, li, a_s, "released", random_dst, generator, li_mode, dst_draw, li_out)
+    elif received is None:
+        grid, window, n_remove, li_out, li_mode, dst_draw = _idm_checks(metric, grid, n_remove, window, li, random_dst,
+                                                                        generator, li_mode, dst_draw, li_out)
+    else:
+        grid, window, n_remove, li_out, li_mode, dst_draw, a_d = _idm_attention_checks(
+            metric, grid, n_remove, received, a_d, window, li, random_dst, generator, li_mode, dst_draw, li_out)
+    if resolve_backend(backend, metric.device, "plan_ssm" if kind == "ssm" else "plan_idm") != "triton":
+        return None
+    from .ops._block_path import BlockPlanner
+
+    return BlockPlanner(kind, metric.shape[0], metric.shape[1], grid, window, n_remove, li_mode, backend,
+                        metric.device, a_s=a_s, a_d=a_d, work=work)
+
+
 def plan_ssm(metric, grid, n_remove, *, window=(2, 2), li=None, a_s=0.05, score="released",
              random_dst=False, generator=None, backend=None, li_mode="mean", dst_draw=None,
              li_out=None) -> MergePlan:
@@ -143,14 +205,8 @@ def plan_ssm(metric, grid, n_remove, *, window=(2, 2), li=None, a_s=0.05, score=
     ``plan.update_li(li, li_mode)`` (built with the plan), written into ``li_out`` when given (a
     contiguous int32 ``[B, N]`` buffer, e.g. ``li`` itself: updated in place).
     """
-    grid, window, n_remove = _common_checks(metric, grid, n_remove, window, li, generator, random_dst)
-    li_out = _check_li_out(li_out, metric)
-    a_s = check_float("a_s", a_s)
-    if score not in SCORE_VARIANTS:
-        raise ValueError(f"score must be one of {SCORE_VARIANTS}, got {score!r}")
-    li_mode = check_choice("li_mode", li_mode, LI_MODES)
-    dst_draw = _check_draw(dst_draw, metric, ref_schedule.ssm_windows_to_merge(
-        n_remove, count_window_tokens(window), count_windows(grid, window)))
+    grid, window, n_remove, li_out, a_s, li_mode, dst_draw = _ssm_checks(
+        metric, grid, n_remove, window, li, a_s, score, random_dst, generator, li_mode, dst_draw, li_out)
     if resolve_backend(backend, metric.device, "plan_ssm") == "triton":
         return _ssm_triton(metric, grid, n_remove, window, li, a_s, score, random_dst, generator, li_mode, dst_draw,
                            li_out)
@@ -177,10 +233,8 @@ def plan_idm(metric, grid, n_remove, *, window=(2, 2), li=None, random_dst=False
     ``plan.li_next`` is the next counter, ``plan.update_li(li, li_mode)`` (built with the plan),
     written into ``li_out`` when given (as for ``plan_ssm``).
     """
-    grid, window, n_remove = _common_checks(metric, grid, n_remove, window, li, generator, random_dst)
-    li_out = _check_li_out(li_out, metric)
-    li_mode = check_choice("li_mode", li_mode, LI_MODES)
-    dst_draw = _check_draw(dst_draw, metric, count_windows(grid, window))
+    grid, window, n_remove, li_out, li_mode, dst_draw = _idm_checks(metric, grid, n_remove, window, li, random_dst,
+                                                                    generator, li_mode, dst_draw, li_out)
     if resolve_backend(backend, metric.device, "plan_idm") == "triton":
         return _idm_triton(metric, grid, n_remove, window, li, random_dst, generator, li_mode, dst_draw=dst_draw,
                            li_out=li_out)
@@ -206,17 +260,8 @@ def plan_idm_attention(metric, grid, n_remove, received, *, a_d=0.05, window=(2,
 
     ``li_out`` as for ``plan_ssm``.
     """
-    grid, window, n_remove = _common_checks(metric, grid, n_remove, window, li, generator, random_dst)
-    li_out = _check_li_out(li_out, metric)
-    check_tensor("received", received, ndim=2)
-    if not received.dtype.is_floating_point:
-        raise TypeError(f"received must be a floating tensor, got {received.dtype}")
-    if tuple(received.shape) != tuple(metric.shape[:2]):
-        raise ValueError(f"received must have shape [B, N] = {tuple(metric.shape[:2])}, got {tuple(received.shape)}")
-    check_same_device("received", received, "metric", metric)
-    a_d = check_float("a_d", a_d)
-    li_mode = check_choice("li_mode", li_mode, LI_MODES)
-    dst_draw = _check_draw(dst_draw, metric, count_windows(grid, window))
+    grid, window, n_remove, li_out, li_mode, dst_draw, a_d = _idm_attention_checks(
+        metric, grid, n_remove, received, a_d, window, li, random_dst, generator, li_mode, dst_draw, li_out)
     score = ref_attention.idm_attention_score(received, li, a_d)  # elementwise, no host sync
     if resolve_backend(backend, metric.device, "plan_idm") == "triton":
         return _idm_triton(metric, grid, n_remove, window, li, random_dst, generator, li_mode, cand_score=score,

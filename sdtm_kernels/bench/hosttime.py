@@ -34,6 +34,11 @@ unpatched block minus the same block at a quarter of the tokens estimates it; a 
 computes on fewer rows, so the added time is understated by up to about that much (the verdict is
 then optimistic, never pessimistic).
 
+Python calls: ``python_calls`` counts the function calls (Python functions and C functions called
+from Python: ``sys.setprofile``'s ``call`` and ``c_call`` events) of one block call outside the
+Triton launches (a launch counts 3: the launcher's call of ``run`` and the two calls that pause the count).
+Unlike the times, the counts are deterministic: ``tests/test_host_overhead.py`` bounds SDTM's.
+
 Not covered: a host synchronisation (``.item()``) would make host time include GPU time on a GPU;
 SDTM has none in its blocks (``tests/test_launch_budget.py``). SDTM's per-call work outside the
 blocks (the transformer hook's ``begin_call``: step counter, the step's random draw) is once per
@@ -43,6 +48,7 @@ import contextlib
 import dataclasses
 import gc
 import statistics
+import sys
 import time
 
 import torch
@@ -109,16 +115,25 @@ class TritonLaunches:
                 continue
 
             def run(self, *args, __original=original, **kwargs):
-                if kwargs.get("warmup") or clock._depth:
-                    return __original(self, *args, **kwargs)
-                clock._depth += 1
-                start = time.perf_counter()
+                counter = sys.getprofile()  # a CallCounter: the launch's own calls are not counted
+                if counter is not None:
+                    sys.setprofile(None)
+                start = time.perf_counter()  # this wrapper's own time counts as inside the launch
+                outermost = not (kwargs.get("warmup") or clock._depth)
                 try:
-                    return clock._launch(self, __original, args, kwargs)
+                    if not outermost:
+                        return __original(self, *args, **kwargs)
+                    clock._depth += 1
+                    try:
+                        return clock._launch(self, __original, args, kwargs)
+                    finally:
+                        clock.launches += 1
+                        clock._depth -= 1
                 finally:
-                    clock.seconds += time.perf_counter() - start
-                    clock.launches += 1
-                    clock._depth -= 1
+                    if outermost:
+                        clock.seconds += time.perf_counter() - start
+                    if counter is not None:
+                        sys.setprofile(counter)
 
             cls.run = run
             patched.append((cls, original))
@@ -127,6 +142,61 @@ class TritonLaunches:
         finally:
             for cls, original in patched:
                 cls.run = original
+
+
+class CallCounter:
+    """``CallCounter().run(fn)``: ``calls``, the Python and C function calls ``fn()`` makes
+    (``sys.setprofile`` events ``call`` / ``c_call``, ``fn``'s own call included); inside
+    ``TritonLaunches.active()`` the launches' own calls are left out. ``by_function``:
+    ``{function: calls}`` when made with ``detailed=True``."""
+
+    def __init__(self, detailed=False):
+        self.calls = 0
+        self.by_function = {} if detailed else None
+
+    def __call__(self, frame, event, arg):
+        if event == "call" or event == "c_call":
+            self.calls += 1
+            if self.by_function is not None:
+                if event == "call":
+                    code = frame.f_code
+                    name = f"{code.co_filename}:{code.co_firstlineno}({code.co_name})"
+                else:
+                    name = f"~({getattr(arg, '__qualname__', None) or getattr(arg, '__name__', repr(arg))})"
+                self.by_function[name] = self.by_function.get(name, 0) + 1
+
+    def run(self, fn):
+        sys.setprofile(self)
+        try:
+            return fn()
+        finally:
+            sys.setprofile(None)
+            self.calls -= 1  # that call of sys.setprofile
+            if self.by_function is not None:
+                self.by_function["~(setprofile)"] -= 1
+
+    def run_count(self, fn) -> int:
+        """``run(fn)``; returns ``calls``."""
+        self.run(fn)
+        return self.calls
+
+
+def count_calls(call, device="cpu", detailed=False) -> CallCounter:
+    """The Python calls of one ``call()`` (``CallCounter``) after a warm-up call, its Triton
+    launches replayed on CPU (as ``_time_calls``; run on CUDA) and left out of the count."""
+    clock = TritonLaunches()
+    counter = CallCounter(detailed)
+    with clock.active(), torch.no_grad():
+        if torch.device(device).type != "cuda":
+            clock.mode = "record"
+            clock.start_call()
+            call()
+            clock.mode = "replay"
+        clock.start_call()
+        call()  # first-call work (caches) is not per block
+        clock.start_call()
+        counter.run(call)
+    return counter
 
 
 def _overlaps(t: torch.Tensor) -> bool:
@@ -171,8 +241,8 @@ def _sync(device):
 
 def _time_calls(call, iterations, device, launch_us, warmup=3):
     """Per call: wall us, us inside Triton launches, launches, host us; medians over ``iterations``
-    after ``warmup`` untimed calls. On CPU one recorded call (untimed) comes first and the other
-    calls replay its launches."""
+    after ``warmup`` untimed calls; then the Python calls of one more call (``CallCounter``). On
+    CPU one recorded call (untimed) comes first and the other calls replay its launches."""
     cpu = device.type != "cuda"
     walls, inside, counts, hosts = [], [], [], []
     clock = TritonLaunches()
@@ -198,10 +268,12 @@ def _time_calls(call, iterations, device, launch_us, warmup=3):
             inside.append(1e6 * in_triton)
             counts.append(launched)
             hosts.append(1e6 * (wall - in_triton) + launched * launch_us if cpu else 1e6 * wall)
+        clock.start_call()
+        calls = CallCounter().run_count(call)
     _sync(device)
     return {"host_us": statistics.median(hosts), "host_us_min": min(hosts), "wall_us": statistics.median(walls),
             "in_launches_us": statistics.median(inside), "triton_launches": statistics.median(counts),
-            "iterations": iterations}
+            "python_calls": calls, "iterations": iterations}
 
 
 def _first_steps(state, steps):
@@ -240,9 +312,10 @@ def merged_block_host_time(family="sd3", device="cpu", dtype=torch.float32, pres
     Returns ``{"unpatched": {...}, "ssm": {...}, "idm": {...}, "added_share": worst added /
     unpatched, "target_share", "met", "compute_residue_us", "method", ...}``; each entry has
     ``host_us`` (median over the calls), ``wall_us``, ``in_launches_us`` (time inside Triton
-    launches, subtracted on CPU), ``triton_launches``; the merged ones also ``added_us`` (their
-    host_us - the unpatched host_us), ``launch_charge_us``, ``added_share``, ``step``, ``mode``
-    and the token counts the block's sub-layers saw."""
+    launches, subtracted on CPU), ``triton_launches``, ``python_calls`` (one call's, see the module
+    docstring); the merged ones also ``added_us`` (their host_us - the unpatched host_us),
+    ``added_python_calls``, ``launch_charge_us``, ``added_share``, ``step``, ``mode`` and the token
+    counts the block's sub-layers saw."""
     from .models import BenchModel
 
     device = torch.device(device)
@@ -300,6 +373,7 @@ def merged_block_host_time(family="sd3", device="cpu", dtype=torch.float32, pres
             entry = report[kind]
             entry["added_us"] = entry["host_us"] - base["host_us"]
             entry["added_share"] = entry["added_us"] / base["host_us"]
+            entry["added_python_calls"] = entry["python_calls"] - base["python_calls"]
     kinds = [k for k in ("ssm", "idm") if k in report]
     if kinds:
         report["added_share"] = max(report[k]["added_share"] for k in kinds)

@@ -19,7 +19,6 @@ matmul). A merged sub-layer returns the dtype the stock ``residual + gate * valu
 stream when autocast makes the sub-layer outputs bf16). Plans are built with autocast disabled,
 so a plan depends on the metric only.
 """
-import contextlib
 import math
 from typing import Optional
 
@@ -113,11 +112,12 @@ class BlockContext:
         """
         if self.merges(sublayer):
             cfg = self.state.config
-            gate2 = None if gate is None else gate.reshape(gate.shape[0], gate.shape[-1])
+            gate2 = gate if gate is None or gate.dim() == 2 else gate.reshape(gate.shape[0], gate.shape[-1])
             # The cache holds the protected step's ``gate * value``: the gated dtype, which is not
             # the residual's when autocast makes ``y`` bf16 under an fp32 gate.
             span = residual if not (prefix or suffix) else residual.narrow(1, prefix, self.num_tokens)
-            like = _like(span, y.dtype if gate is None else torch.promote_types(gate.dtype, y.dtype))
+            gated_dtype = y.dtype if gate is None or gate.dtype is y.dtype else torch.promote_types(gate.dtype, y.dtype)
+            like = _like(span, gated_dtype)
             cache = None
             for name in cache_names or (sublayer,):
                 part = self.state.get_cache(self.slot, name, like)
@@ -133,6 +133,10 @@ class BlockContext:
         return residual + gated if residual_first else gated + residual
 
 
+def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype is dtype else t.to(dtype)
+
+
 def _like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A storage-free stand-in with ``t``'s shape and device and ``dtype`` (for cache checks)."""
     if t.dtype == dtype:
@@ -140,15 +144,14 @@ def _like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty((), dtype=dtype, device=t.device).expand(t.shape)
 
 
-def _autocast_off(device: torch.device):
-    """Autocast disabled on ``device`` while plans are built (autocast would run the reference
-    scores' matmuls in bf16/fp16, so the plan would depend on the autocast region)."""
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``: it is disabled while plans are built (autocast
+    would run the reference scores' matmuls in bf16/fp16, so the plan would depend on the
+    autocast region)."""
     try:
-        if torch.is_autocast_enabled(device.type):
-            return torch.autocast(device.type, enabled=False)
+        return torch.is_autocast_enabled(device_type)
     except (RuntimeError, TypeError, ValueError):  # a device type without autocast
-        pass
-    return contextlib.nullcontext()
+        return False
 
 
 def gate_times(gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -225,7 +228,11 @@ def block_context(state: Optional[SDTMState], layer, metric: torch.Tensor, *, sh
         statistic = received().detach()
         if statistic.shape[0] != source.shape[0]:
             statistic = statistic.mean(dim=0, keepdim=True)
-    with _autocast_off(source.device):
+    device_type = "cuda" if source.is_cuda else source.device.type
+    if _autocast_on(device_type):
+        with torch.autocast(device_type, enabled=False):
+            plan = state.build_plan(source, mode, batch, received=statistic, layer=slot)
+    else:
         plan = state.build_plan(source, mode, batch, received=statistic, layer=slot)
     ctx = BlockContext(state, slot, mode, plan, num_tokens=num_tokens)
     if statistic is not None and state.keep_plans:
@@ -239,15 +246,18 @@ def unmerge_sublayer(plan, y, residual, gate=None, cache=None, mcw: float = 1.0,
     when ``cache`` (the full-length ``gate * value``) is given. The result has the dtype of the
     stock ``residual + gate * value`` (type promotion of the three: under autocast ``y`` is bf16
     while a gate, and then the residual stream, may stay fp32); the epilogue computes in fp32."""
-    gated_dtype = y.dtype if gate is None else torch.promote_types(gate.dtype, y.dtype)
-    out_dtype = torch.promote_types(gated_dtype, residual.dtype)
-    residual = residual.to(out_dtype)
+    y_dtype, residual_dtype = y.dtype, residual.dtype  # dtype promotion only where the dtypes differ
+    gated_dtype = y_dtype if gate is None or gate.dtype is y_dtype else torch.promote_types(gate.dtype, y_dtype)
+    out_dtype = gated_dtype if residual_dtype is gated_dtype else torch.promote_types(gated_dtype, residual_dtype)
+    if residual_dtype is not out_dtype:
+        residual = residual.to(out_dtype)
+    if y_dtype is not out_dtype:
+        y = y.to(out_dtype)
     if cache is None:
-        return plan.unmerge(y.to(out_dtype), residual=residual, gate=gate, backend=backend, prefix=prefix,
-                            suffix=suffix)
+        return plan.unmerge(y, residual=residual, gate=gate, backend=backend, prefix=prefix, suffix=suffix)
     # The cache holds gated values: one fused pass gates the gathered rows, then blends.
-    return plan.unmerge(y.to(out_dtype), residual=residual, gate=gate, cache=cache.to(out_dtype), mcw=mcw,
-                        gate_first=True, backend=backend, prefix=prefix, suffix=suffix)
+    return plan.unmerge(y, residual=residual, gate=gate, cache=_to(cache, out_dtype), mcw=mcw, gate_first=True,
+                        backend=backend, prefix=prefix, suffix=suffix)
 
 
 def run_merged(plan, fn, inp, residual, gate=None, cache=None, mcw: float = 1.0, mode: str = "mean",

@@ -42,14 +42,15 @@ the ranks of a k-way context-parallel run plan theirs; under context parallelism
 ``begin_call`` gets is already the rank's slab (``parallel.local_grid``).
 """
 import math
+import operator
 import warnings
 from typing import Optional
 
 import torch
 
-from .._validation import check_int
+from .._validation import check_int, read_call_flags
 from ..plan import join_shards
-from ..planning import plan_idm, plan_idm_attention, plan_ssm, ratio_schedule
+from ..planning import block_planner, plan_idm, plan_idm_attention, plan_ssm, ratio_schedule
 from ..reference import schedule as ref_schedule
 from ..reference import windows as ref_windows
 from .config import SDTMConfig
@@ -147,6 +148,9 @@ class SDTMState:
         self.mode = "exact"
         self.removal = 0
         self.li_now = None  # this call's li buffer
+        self._block_plans = {}  # the block path of this call: (mode, batch, shape, dtype, device, ...) -> entry
+        self._savings = {}  # (mode, N, C) -> block_saving of this call
+        self._work = {}  # device -> the block path's reused temporaries (per generation)
         self.li_fresh = True  # no block of this call index wrote li yet in this generation
         self._li_fresh = {}
         self._rotary = None
@@ -214,6 +218,8 @@ class SDTMState:
 
     def _prepare_call(self, batch, device):
         """The decisions of this call, made once for all blocks (see the module doc)."""
+        read_call_flags()  # SDTM_DEBUG, once per call
+        self._block_plans, self._savings = {}, {}
         self.mode = "exact" if self.grid is None else self.step_mode()
         num_tokens = 0 if self.grid is None else math.prod(self.grid)
         shard_tokens = num_tokens // self.config.shards  # each slab is planned with the same count
@@ -275,6 +281,7 @@ class SDTMState:
         key = (self.step, self.call, shape, device)
         if self._draw_key == key:
             return
+        self._block_plans = {}  # their draws are checked against the buffer
         buf = self._draw_buffer
         if buf is None or tuple(buf.shape) != shape or buf.device != device:
             buf = torch.empty(shape, dtype=torch.int64, device=device)
@@ -390,10 +397,14 @@ class SDTMState:
         prompt tokens left out); SSM runs the whole block on M rows, IDM only the MLP
         (``16 (N - M) C^2``). M follows from the call's ``removal`` (per slab with ``shards``), as
         the plan's."""
-        n, c = num_tokens, channels
-        removed = self.config.shards * ref_schedule.tokens_removed(mode, self.removal, self.plan_grid, self.window)
-        saved = block_flops(n, c) - block_flops(n - removed, c) if mode == "ssm" else 16 * removed * c * c
-        return saved / block_flops(n, c) if n else 0.0
+        key = (mode, num_tokens, channels, self.removal)
+        saving = self._savings.get(key)
+        if saving is None:  # once per call
+            n, c = num_tokens, channels
+            removed = self.config.shards * ref_schedule.tokens_removed(mode, self.removal, self.plan_grid, self.window)
+            saved = block_flops(n, c) - block_flops(n - removed, c) if mode == "ssm" else 16 * removed * c * c
+            saving = self._savings[key] = saved / block_flops(n, c) if n else 0.0
+        return saving
 
     @property
     def plan_grid(self):
@@ -437,14 +448,23 @@ class SDTMState:
         """Plan for one block from its attention-input ``metric`` ``[b, N, C]`` (b = batch, or
         1 for a plan shared by the batch); updates ``li`` in place. ``received [b, N]`` (IDM with
         ``idm_score="attention"``): attention each image token receives from the prompt.
-        ``layer``: the block's ``BlockSlot`` (or its layer index)."""
+        ``layer``: the block's ``BlockSlot`` (or its layer index).
+
+        Eager mode takes the block path: the planner's arguments are checked at the first block of
+        a call with a metric of that kind (``_block_entry``), later blocks launch the Triton
+        kernels without checks (``ops._block_path``; debug mode, read once per call, checks the
+        plans' contents)."""
+        slot = layer if layer.__class__ is BlockSlot else self._slot_of(layer)
+        if not torch.compiler.is_compiling():  # eager: the block path, arguments checked once per call
+            key = (mode, batch, metric.shape, metric.dtype, metric.device, received is None)
+            entry = self._block_plans.get(key)
+            if entry is None or entry.config is not self.config:
+                entry = self._block_plans[key] = self._block_entry(metric, mode, batch, received, slot)
+            if entry.planner is not None:
+                return self._block_plan(entry, slot, metric, mode, batch, received)
         cfg = self.config
-        slot = self._slot_of(layer)
         self._ensure_generator(metric.device)  # made by begin_call when the caller gives the device
-        num_tokens = metric.shape[1]
-        li_buf = self.li_now
-        if li_buf is None or tuple(li_buf.shape) != (batch, num_tokens) or li_buf.device != metric.device:
-            li_buf = self.li_now = self._li_buffer(batch, num_tokens, metric.device)  # user models
+        li_buf = self._call_li(batch, metric.shape[1], metric.device)
         random_dst = cfg.random_dst and batch % 2 == 0
         # Structure plans read li as a bonus (zeros == none); detail plans take their dsts from li
         # only once a block wrote it.
@@ -475,6 +495,59 @@ class SDTMState:
             plan.li_next = li_next.expand(batch, -1)
         return plan
 
+    def _call_li(self, batch, num_tokens, device):
+        """This call's li buffer, made here for ``[batch, N]`` plans on ``device`` when ``begin_call``
+        made none like it (user models)."""
+        li_buf = self.li_now
+        if li_buf is None or tuple(li_buf.shape) != (batch, num_tokens) or li_buf.device != device:
+            li_buf = self.li_now = self._li_buffer(batch, num_tokens, device)
+            self._block_plans = {}  # their li views are of the old buffer
+        return li_buf
+
+    def _block_entry(self, metric, mode, batch, received, slot):
+        """The block path's entry for blocks like this one in this call: the arguments of
+        ``build_plan``'s planner call checked once (``planning.block_planner``: the public
+        planner's errors), the li view, whether the step's draws are ready (no per-block checks)."""
+        cfg = self.config
+        entry = _BlockEntry(cfg)
+        if cfg.shards != 1:
+            return entry  # slabs: the planners of build_plan
+        self._ensure_generator(metric.device)
+        b = metric.shape[0]
+        li_buf = self._call_li(batch, metric.shape[1], metric.device)
+        entry.li = li_buf if b == batch else li_buf[:b]
+        entry.random_dst = cfg.random_dst and batch % 2 == 0
+        plan_li = None if (mode != "ssm" and self.li_fresh) else entry.li
+        draw = self._slot_draw(slot, metric) if entry.random_dst and (mode == "ssm" or plan_li is None) else None
+        buf, key = self._draw_buffer, self._draw_key
+        entry.draws_ready = (buf is not None and key is not None and key[:2] == (self.step, self.call)
+                             and buf.shape[1] >= b and buf.device == metric.device
+                             and all(s.draw is not None for s in self.slots))
+        entry.planner = block_planner(mode, metric, self.plan_grid, self.removal, window=self.window, li=plan_li,
+                                      a_s=cfg.a_s, a_d=cfg.a_d, received=received, random_dst=entry.random_dst,
+                                      generator=self.generator, backend=cfg.backend, li_mode=cfg.merge_mode,
+                                      dst_draw=draw, li_out=entry.li,
+                                      work=self._work.setdefault(metric.device, {}))
+        return entry
+
+    def _block_plan(self, entry, slot, metric, mode, batch, received):
+        """``build_plan`` on the block path (the checks were made by ``_block_entry``)."""
+        li = entry.li
+        plan_li = None if (mode != "ssm" and self.li_fresh) else li
+        draw = None
+        if entry.random_dst and (mode == "ssm" or plan_li is None):  # IDM with li: dsts from li
+            draw = slot.draw if entry.draws_ready else self._slot_draw(slot, metric)
+        planner = entry.planner
+        if mode == "ssm":
+            plan = planner.ssm(metric, plan_li, draw, li)
+        else:
+            plan = planner.idm(metric, plan_li, draw, li, received)
+        self.li_fresh = False
+        self._li_written[self.call] = True
+        if metric.shape[0] != batch:  # a plan shared by the batch: its counter lives in row 0
+            plan = planner.shared(plan, batch)
+        return plan
+
     def _slot_draw(self, slot, metric):
         """The block's random dst positions ``[b, G]`` (its row of the step's draw)."""
         if torch.compiler.is_compiling():  # begin_call drew them (a compiled model has the hook)
@@ -491,7 +564,7 @@ class SDTMState:
         if torch.compiler.is_compiling():
             return torch.stack(rotary)
         cached = self._rotary
-        if cached is None or len(cached[0]) != len(rotary) or any(a is not b for a, b in zip(cached[0], rotary)):
+        if cached is None or len(cached[0]) != len(rotary) or not all(map(operator.is_, cached[0], rotary)):
             self._rotary = cached = (tuple(rotary), torch.stack(rotary))
         return cached[1]
 
@@ -546,6 +619,16 @@ class SDTMState:
     def steps_stats(self, key: str = "attn"):
         """``{(step, layer): tokens}`` for the first call of each step."""
         return {(s["step"], s["layer"]): s[key] for s in self.stats if s["call"] == 0}
+
+
+class _BlockEntry:
+    """``SDTMState._block_entry``: ``planner`` (None: the block goes ``build_plan``'s checked way),
+    ``li`` (the li view of the plan's rows), ``random_dst``, ``draws_ready``, ``config``."""
+
+    __slots__ = ("config", "planner", "li", "random_dst", "draws_ready")
+
+    def __init__(self, config):
+        self.config, self.planner, self.li, self.random_dst, self.draws_ready = config, None, None, False, False
 
 
 def block_flops(tokens: int, channels: int) -> int:
