@@ -234,6 +234,7 @@ def _gather_rows_kernel(
     src_ptr, stride_sb, stride_sm,  # [B, M, C] rows to gather, unit stride in C
     index_ptr, stride_ib, stride_in,  # [B, N] int32 row read by each output token
     res_ptr, stride_rb, stride_rn,  # [B, N, C] residual added last (HAS_RESIDUAL)
+    add_ptr, stride_ab, stride_an,  # [B, N, C] full-length term added, times the gate (HAS_ADDEND)
     gate_ptr, stride_gb,  # [B, C] gate multiplied in (HAS_GATE), unit stride in C
     cache_ptr, stride_cb, stride_cn,  # [B, N, C] cache blended in (HAS_CACHE)
     blend_ptr, stride_bb, stride_bn,  # [B, N] uint8 tokens that take the cache (HAS_BLEND)
@@ -242,6 +243,7 @@ def _gather_rows_kernel(
     N, M, C,  # gathered tokens (length of index), gathered rows of src, channels
     prefix, total,  # passthrough: output tokens [0, prefix) and [prefix + N, total) read src rows directly
     HAS_RESIDUAL: tl.constexpr,  # out = residual + v
+    HAS_ADDEND: tl.constexpr,  # v = v + gate[b] * addend (after the cache blend)
     HAS_GATE: tl.constexpr,  # v = gate[b] * v
     GATE_FIRST: tl.constexpr,  # the gate multiplies v before the cache blend (the cache holds gated values)
     HAS_CACHE: tl.constexpr,  # v = mcw * v + (1 - mcw) * cache
@@ -291,6 +293,12 @@ def _gather_rows_kernel(
     if HAS_GATE:
         if not GATE_FIRST:
             val = gate[None, :] * val
+    if HAS_ADDEND:  # a full-length term (Flux single blocks: the attention half of the output projection)
+        extra = tl.load(add_ptr + b * stride_ab + out_tok[:, None] * stride_an + offs_c[None, :], mask=mask,
+                        other=0.0).to(ACC_DTYPE)
+        if HAS_GATE:
+            extra = gate[None, :] * extra
+        val = val + extra
     if HAS_RESIDUAL:
         res = tl.load(res_ptr + b * stride_rb + out_tok[:, None] * stride_rn + offs_c[None, :], mask=mask,
                       other=0.0)
@@ -495,14 +503,16 @@ NO_TENSOR = (None, 0, 0)  # an absent optional tensor of gather_launch / segment
 
 
 def gather_rows(src, index, *, residual=None, gate=None, cache=None, blend=None, mcw=1.0,
-                row_start=None, out_dtype=None, gate_first=False, prefix=0, suffix=0):
+                row_start=None, out_dtype=None, gate_first=False, prefix=0, suffix=0, addend=None):
     """``out[b, t] = src[b, index[b, t]]`` with the optional epilogue (``/ count`` when
     ``row_start`` is given, cache blend, gate, residual). ``src [B, M, C]``, ``index [B, N]``.
     ``prefix`` / ``suffix``: ``src`` is ``[B, prefix + M + suffix, C]`` and its first and last rows
     pass through around the gathered ones (residual and gate, no cache): ``out`` and ``residual``
-    are ``[B, prefix + N + suffix, C]``; ``cache`` and ``blend`` cover the gathered tokens only."""
+    are ``[B, prefix + N + suffix, C]``; ``cache`` and ``blend`` cover the gathered tokens only.
+    ``addend`` (shaped like ``residual``): ``gate * addend`` is added to every output token too."""
     _check_runnable(src)
     src, residual, gate, cache = _unit_c(src), _unit_c(residual), _unit_c(gate), _unit_c(cache)
+    addend = _unit_c(addend)
     batch, length, channels = src.shape
     num_rows = length - prefix - suffix
     num_tokens = index.shape[-1]
@@ -511,6 +521,7 @@ def gather_rows(src, index, *, residual=None, gate=None, cache=None, blend=None,
         raise ValueError(f"gather_rows: src has {length} rows, fewer than prefix + suffix = {prefix + suffix}")
     _check_shape("index", index, (batch, num_tokens))
     _check_shape("residual", residual, (batch, total, channels))
+    _check_shape("addend", addend, (batch, total, channels))
     _check_shape("cache", cache, (batch, num_tokens, channels))
     _check_shape("blend", blend, (batch, num_tokens))
     _check_shape("gate", gate, (batch, channels))
@@ -522,14 +533,15 @@ def gather_rows(src, index, *, residual=None, gate=None, cache=None, blend=None,
 
     return gather_launch(src, src.stride(), index, index.stride(), num_tokens, residual=arg(residual),
                          gate=gate, cache=arg(cache), blend=arg(blend_u8), row_start=arg(row_start), mcw=mcw,
-                         out_dtype=out_dtype, gate_first=gate_first, prefix=prefix, suffix=suffix)
+                         out_dtype=out_dtype, gate_first=gate_first, prefix=prefix, suffix=suffix,
+                         addend=arg(addend))
 
 
 def gather_launch(src, src_strides, index, index_strides, num_tokens, *, residual=NO_TENSOR, gate=None,
                   cache=NO_TENSOR, blend=NO_TENSOR, row_start=NO_TENSOR, mcw=1.0, out_dtype=None, gate_first=False,
-                  prefix=0, suffix=0):
+                  prefix=0, suffix=0, addend=NO_TENSOR):
     """``gather_rows`` on arguments it checked, with their strides (unit strides in C; ``residual``,
-    ``cache``, ``blend`` (its uint8 view), ``row_start``: ``(tensor, its first 2 strides)`` or
+    ``addend``, ``cache``, ``blend`` (its uint8 view), ``row_start``: ``(tensor, its first 2 strides)`` or
     ``(None, 0, 0)``): allocates the output and launches."""
     batch, length, channels = src.shape
     total = prefix + num_tokens + suffix
@@ -539,18 +551,20 @@ def gather_launch(src, src_strides, index, index_strides, num_tokens, *, residua
     grid, block_t, block_c, num_warps = gather_config(batch, total, channels)
     has_residual, has_cache, has_blend, count_scale = (residual[0] is not None, cache[0] is not None,
                                                         blend[0] is not None, row_start[0] is not None)
+    has_addend = addend[0] is not None
     _gather_rows_kernel.run(
         out, total * channels, channels,  # a new dense tensor
         src, src_strides[0], src_strides[1],
         index, *index_strides,
         *(residual if has_residual else (src, 0, 0)),
+        *(addend if has_addend else (src, 0, 0)),
         gate if gate is not None else src, gate.stride()[0] if gate is not None else 0,
         *(cache if has_cache else (src, 0, 0)),
         *(blend if has_blend else (index, 0, 0)),
         *(row_start if count_scale else (index, 0, 0)),
         float(mcw), 1.0 - float(mcw),
         num_tokens, length - prefix - suffix, channels, prefix, total,
-        HAS_RESIDUAL=has_residual, HAS_GATE=gate is not None, GATE_FIRST=bool(gate_first),
+        HAS_RESIDUAL=has_residual, HAS_ADDEND=has_addend, HAS_GATE=gate is not None, GATE_FIRST=bool(gate_first),
         HAS_CACHE=has_cache, HAS_BLEND=has_blend, COUNT_SCALE=count_scale,
         ACC_DTYPE=_ACC_DTYPES.get(src.dtype, tl.float32), BLOCK_T=block_t, BLOCK_C=block_c,
         num_warps=num_warps, grid=grid, warmup=False,
@@ -570,14 +584,15 @@ def prune(x, rep_token, prefix=0, suffix=0):
 
 
 def unmerge(y, row_of_token, residual=None, gate=None, cache=None, blend=None, mcw=1.0, gate_first=False,
-            prefix=0, suffix=0):
+            prefix=0, suffix=0, addend=None):
     """``residual + gate[:, None] * where(blend, mcw * v + (1 - mcw) * cache, v)``,
     ``v = y[b, row_of_token[b, t]]``; with ``gate_first`` the gate multiplies ``v`` before the
     blend (a cache of gated values): ``residual + where(blend, mcw * g v + (1 - mcw) * cache, g v)``.
     Each term optional. Stored in ``y.dtype``. ``prefix`` / ``suffix``: passthrough rows of ``y``
-    around the merged ones (``residual + gate * y`` there, see ``gather_rows``)."""
+    around the merged ones (``residual + gate * y`` there, see ``gather_rows``); ``addend``: plus
+    ``gate * addend`` everywhere."""
     return gather_rows(y, row_of_token, residual=residual, gate=gate, cache=cache, blend=blend, mcw=mcw,
-                       gate_first=gate_first, prefix=prefix, suffix=suffix)
+                       gate_first=gate_first, prefix=prefix, suffix=suffix, addend=addend)
 
 
 def merge_backward(grad, row_of_token, row_start, out_dtype=None):

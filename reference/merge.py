@@ -101,13 +101,14 @@ def prune(x: torch.Tensor, rep_token: torch.Tensor) -> torch.Tensor:
 
 
 def unmerge(y, row_of_token, residual=None, gate=None, cache=None, blend=None, mcw=1.0,
-            gate_first=False, trusted=False) -> torch.Tensor:
+            gate_first=False, trusted=False, addend=None) -> torch.Tensor:
     """Copy merged rows back to tokens, with the optional DiT epilogue.
 
     ``v = y[b, row_of_token[b, t]]`` (0 for a row outside ``[0, M)``); where ``blend`` and a ``cache`` are given,
     ``v = mcw * v + (1 - mcw) * cache``; then ``v = gate[:, None, :] * v`` and
     ``out = residual + v`` for each term that is given. ``gate_first``: the gate multiplies
-    ``v`` before the blend (the cache holds gated values, as in the release).
+    ``v`` before the blend (the cache holds gated values, as in the release). ``addend`` (full
+    length, like ``residual``): ``gate * addend`` is added before the residual.
     """
     compute = _compute_dtype(y.dtype)
     value = gather_rows(y.to(compute), row_of_token, trusted=trusted)
@@ -118,9 +119,17 @@ def unmerge(y, row_of_token, residual=None, gate=None, cache=None, blend=None, m
         value = torch.where(blend.unsqueeze(-1), blended, value) if blend is not None else blended
     if gate is not None and not gate_first:
         value = gate.to(compute).unsqueeze(1) * value
+    return _finish_epilogue(value, residual, gate, addend, compute).to(y.dtype)
+
+
+def _finish_epilogue(value, residual, gate, addend, compute):
+    """``residual + (value + gate * addend)`` in ``compute``, the terms given."""
+    if addend is not None:
+        extra = addend.to(compute)
+        value = value + (gate.to(compute).unsqueeze(1) * extra if gate is not None else extra)
     if residual is not None:
         value = residual.to(compute) + value
-    return value.to(y.dtype)
+    return value
 
 
 def independent_tokens(row_of_token, rep_token, blend, mode="mean") -> torch.Tensor:
@@ -164,26 +173,25 @@ def join_span(head: torch.Tensor, span: torch.Tensor, tail: torch.Tensor) -> tor
     return torch.cat(parts, dim=1) if len(parts) != 1 else parts[0]
 
 
-def passthrough(y, residual=None, gate=None) -> torch.Tensor:
-    """The unmerge epilogue of passthrough rows, ``residual + gate[:, None] * y`` in fp32 (the
-    kernels' arithmetic), stored in ``y.dtype``."""
+def passthrough(y, residual=None, gate=None, addend=None) -> torch.Tensor:
+    """The unmerge epilogue of passthrough rows, ``residual + gate[:, None] * (y + addend)`` in fp32
+    (the kernels' arithmetic), stored in ``y.dtype``."""
     compute = _compute_dtype(y.dtype)
     value = y.to(compute)
     if gate is not None:
         value = gate.to(compute).unsqueeze(1) * value
-    if residual is not None:
-        value = residual.to(compute) + value
-    return value.to(y.dtype)
+    return _finish_epilogue(value, residual, gate, addend, compute).to(y.dtype)
 
 
 def unmerge_span(y, row_of_token, residual=None, gate=None, cache=None, blend=None, mcw=1.0,
-                 gate_first=False, trusted=False, prefix=0, suffix=0) -> torch.Tensor:
+                 gate_first=False, trusted=False, prefix=0, suffix=0, addend=None) -> torch.Tensor:
     """``unmerge`` of the span of ``y [B, prefix + M + suffix, C]``, the rows around it passed
-    through (``residual`` full length; ``cache`` and ``blend`` cover the span's tokens)."""
+    through (``residual`` and ``addend`` full length; ``cache`` and ``blend`` cover the span's tokens)."""
     if not prefix and not suffix:
-        return unmerge(y, row_of_token, residual, gate, cache, blend, mcw, gate_first, trusted)
+        return unmerge(y, row_of_token, residual, gate, cache, blend, mcw, gate_first, trusted, addend)
     y_head, y_span, y_tail = span_parts(y, prefix, suffix)
     r_head, r_span, r_tail = span_parts(residual, prefix, suffix) if residual is not None else (None,) * 3
-    return join_span(passthrough(y_head, r_head, gate),
-                     unmerge(y_span, row_of_token, r_span, gate, cache, blend, mcw, gate_first, trusted),
-                     passthrough(y_tail, r_tail, gate))
+    a_head, a_span, a_tail = span_parts(addend, prefix, suffix) if addend is not None else (None,) * 3
+    return join_span(passthrough(y_head, r_head, gate, a_head),
+                     unmerge(y_span, row_of_token, r_span, gate, cache, blend, mcw, gate_first, trusted, a_span),
+                     passthrough(y_tail, r_tail, gate, a_tail))

@@ -199,7 +199,7 @@ class MergePlan:
         raise ValueError(f"mode must be one of {MERGE_MODES}, got {mode!r}")
 
     def unmerge(self, y, *, residual=None, gate=None, cache=None, mcw: float = 1.0, gate_first: bool = False,
-                backend=None, prefix: int = 0, suffix: int = 0):
+                backend=None, prefix: int = 0, suffix: int = 0, addend=None):
         """``[B, M, C] -> [B, N, C]``: ``v = y.gather(1, row_of_token)``, then
         ``v = where(blend, mcw * v + (1 - mcw) * cache, v)`` when ``cache`` is given, and
         ``out = residual + gate[:, None, :] * v`` for the terms given. ``gate_first``: the gate
@@ -207,17 +207,20 @@ class MergePlan:
         are not modified. One fused kernel on the Triton backend.
         ``prefix`` / ``suffix``: ``y`` is ``[B, prefix + M + suffix, C]``; those rows pass through
         (``residual + gate * y``, no cache) around the unmerged tokens: ``residual`` and the
-        result are ``[B, prefix + N + suffix, C]``, ``cache`` covers the plan's N tokens."""
+        result are ``[B, prefix + N + suffix, C]``, ``cache`` covers the plan's N tokens.
+        ``addend`` (shaped like ``residual``, ``y``'s dtype): ``gate * addend`` is added to every
+        token too, in the same launch (a second output term of a block, e.g. the attention half of
+        a fused output projection whose MLP half is ``y``)."""
         fast = self._fast
         if fast is not None and backend == fast.backend:
-            out = fast.unmerge(self, y, residual, gate, cache, mcw, gate_first, prefix, suffix)
+            out = fast.unmerge(self, y, residual, gate, cache, mcw, gate_first, prefix, suffix, addend)
             if out is not None:
                 return out
         prefix, suffix = self._passthrough(prefix, suffix)
         self._check_length("y", y, prefix + self.num_rows + suffix, "prefix + M + suffix" if prefix or suffix else "M")
         backend = resolve_backend(backend, y.device, "unmerge")
         return plan_ops.plan_unmerge(y, self.row_of_token, residual, gate, cache, self.blend, mcw, bool(gate_first),
-                                     backend, prefix=prefix, suffix=suffix)
+                                     backend, prefix=prefix, suffix=suffix, addend=addend)
 
     @staticmethod
     def _passthrough(prefix, suffix):

@@ -280,6 +280,10 @@ def _drive(recorder, quick=False):
                 y = tokens(b, prefix + m + suffix, channels, dtype)
                 plan.unmerge(y, residual=x, gate=tokens(1, b, channels)[0], cache=tokens(b, n, channels, dtype),
                              mcw=0.3, gate_first=True, backend=T, prefix=prefix, suffix=suffix)
+                for cache in (None, tokens(b, n, channels, dtype)):  # the second output term of single blocks
+                    plan.unmerge(y, residual=x, gate=tokens(1, b, channels)[0], cache=cache, mcw=0.3, gate_first=True,
+                                 addend=tokens(b, prefix + n + suffix, channels, dtype), backend=T, prefix=prefix,
+                                 suffix=suffix)
 
     # -- attention received by image tokens (prompt queries x all joint keys) -----------------
     for dtype, head_dim, (num_q, num_k) in itertools.product(floats, (16, 64, 128), ((7, 40), (77, 300))):

@@ -129,3 +129,41 @@ def test_bad_passthrough_arguments(backend):
         plan.unmerge(y, residual=_tokens(B, N, C), backend=backend, prefix=3)
     with pytest.raises(ValueError, match="cache must have shape"):
         plan.unmerge(y, residual=x, cache=_tokens(B, 3 + N, C), backend=backend, prefix=3)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("prefix,suffix", [(0, 0), (5, 2)])
+@pytest.mark.parametrize("with_cache", [False, True])
+def test_addend_is_gated_and_added_to_every_row(with_cache, prefix, suffix, dtype, backend):
+    """``unmerge(..., addend=a)`` = ``unmerge(..., residual=residual + gate * a)`` (one launch instead
+    of two: Flux-type single blocks add the attention half of their fused output projection)."""
+    plan = PLANS["idm"]
+    m = plan.num_rows
+    y = _tokens(B, prefix + m + suffix, C, dtype=dtype, seed=12)
+    residual = _tokens(B, prefix + N + suffix, C, dtype=dtype, seed=13)
+    addend = _tokens(B, prefix + N + suffix, C, dtype=dtype, seed=14)
+    gate = _tokens(B, C, seed=15)
+    terms = dict(cache=_tokens(B, N, C, dtype=dtype, seed=16), mcw=0.25, gate_first=True) if with_cache else {}
+    out = plan.unmerge(y, residual=residual, gate=gate, addend=addend, backend=backend, prefix=prefix,
+                       suffix=suffix, **terms)
+    folded = (residual.float() + gate[:, None] * addend.float()).to(dtype)
+    expected = plan.unmerge(y, residual=folded, gate=gate, backend="reference", prefix=prefix, suffix=suffix,
+                            **terms)
+    torch.testing.assert_close(out, expected, **_tol(dtype))
+    if dtype == torch.float32:  # autograd path: the registered op on the folded residual
+        y_grad = y.clone().requires_grad_(True)
+        out_grad = plan.unmerge(y_grad, residual=residual, gate=gate, addend=addend, backend=backend,
+                                prefix=prefix, suffix=suffix, **terms)
+        torch.testing.assert_close(out_grad.detach(), out, atol=1e-5, rtol=1e-5)
+        out_grad.sum().backward()
+        assert y_grad.grad is not None and torch.isfinite(y_grad.grad).all()
+
+
+def test_bad_addend():
+    plan = PLANS["ssm"]
+    y = _tokens(B, plan.num_rows, C)
+    with pytest.raises(ValueError, match="addend must have shape"):
+        plan.unmerge(y, residual=_tokens(B, N, C), addend=_tokens(B, N + 1, C), backend="triton")
+    with pytest.raises(TypeError, match="addend has dtype"):
+        plan.unmerge(y, residual=_tokens(B, N, C), addend=_tokens(B, N, C, dtype=torch.bfloat16), backend="reference")

@@ -92,7 +92,8 @@ class BlockContext:
         return y
 
     def finish(self, sublayer: str, y: torch.Tensor, residual: torch.Tensor, gate=None,
-               cache_names=None, residual_first: bool = True, prefix: int = 0, suffix: int = 0) -> torch.Tensor:
+               cache_names=None, residual_first: bool = True, prefix: int = 0, suffix: int = 0,
+               addend=None) -> torch.Tensor:
         """``residual + gate * value`` at full length, ``value`` unmerged from ``y``.
 
         ``gate`` is ``[B, C]``, ``[B, 1, C]`` or None. With a cache (non-protected steps after a
@@ -109,7 +110,14 @@ class BlockContext:
         ``prefix`` / ``suffix``: ``y`` and ``residual`` are joint sequences with that many rows
         around the image tokens (``[B, gate]`` gates only): those rows get ``residual + gate * y``
         in the same launch; caches cover the image tokens.
+
+        ``addend`` (shaped like ``residual``): a second full-length output term of the block, gated
+        too and never blended: ``residual + gate * addend + [the above]``, in the same launch when
+        merging (else ``addcmul(residual, gate, addend)`` first: the residual the stock block adds).
         """
+        if addend is not None and not self.merges(sublayer):
+            residual = torch.addcmul(residual, gate.unsqueeze(1) if gate.dim() == 2 else gate, addend)
+            addend = None
         if self.merges(sublayer):
             cfg = self.state.config
             gate2 = gate if gate is None or gate.dim() == 2 else gate.reshape(gate.shape[0], gate.shape[-1])
@@ -125,7 +133,8 @@ class BlockContext:
                     cache = None
                     break
                 cache = part if cache is None else cache + part
-            return unmerge_sublayer(self.plan, y, residual, gate2, cache, cfg.mcw, cfg.backend, prefix, suffix)
+            return unmerge_sublayer(self.plan, y, residual, gate2, cache, cfg.mcw, cfg.backend, prefix, suffix,
+                                    addend)
         gated = y if gate is None else gate_times(gate, y)
         if self.mode == "protected":
             self.state.set_cache(self.slot, sublayer, gated.narrow(1, prefix, gated.shape[1] - prefix - suffix)
@@ -241,7 +250,7 @@ def block_context(state: Optional[SDTMState], layer, metric: torch.Tensor, *, sh
 
 
 def unmerge_sublayer(plan, y, residual, gate=None, cache=None, mcw: float = 1.0, backend=None, prefix: int = 0,
-                     suffix: int = 0):
+                     suffix: int = 0, addend=None):
     """``residual + unmerge(gate * y)`` (``gate`` ``[B, C]`` or None) with the gated-cache blend
     when ``cache`` (the full-length ``gate * value``) is given. The result has the dtype of the
     stock ``residual + gate * value`` (type promotion of the three: under autocast ``y`` is bf16
@@ -253,11 +262,14 @@ def unmerge_sublayer(plan, y, residual, gate=None, cache=None, mcw: float = 1.0,
         residual = residual.to(out_dtype)
     if y_dtype is not out_dtype:
         y = y.to(out_dtype)
+    if addend is not None:
+        addend = _to(addend, out_dtype)
     if cache is None:
-        return plan.unmerge(y, residual=residual, gate=gate, backend=backend, prefix=prefix, suffix=suffix)
+        return plan.unmerge(y, residual=residual, gate=gate, backend=backend, prefix=prefix, suffix=suffix,
+                            addend=addend)
     # The cache holds gated values: one fused pass gates the gathered rows, then blends.
     return plan.unmerge(y, residual=residual, gate=gate, cache=_to(cache, out_dtype), mcw=mcw, gate_first=True,
-                        backend=backend, prefix=prefix, suffix=suffix)
+                        backend=backend, prefix=prefix, suffix=suffix, addend=addend)
 
 
 def run_merged(plan, fn, inp, residual, gate=None, cache=None, mcw: float = 1.0, mode: str = "mean",

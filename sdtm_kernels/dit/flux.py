@@ -154,12 +154,13 @@ def _single(self, hidden_states, text_len, temb, image_rotary_emb, joint_attenti
                                     **joint_attention_kwargs)
         ctx.note("attn", ctx.num_tokens)
         w_attn, w_mlp = weight[:, :attn_dim], weight[:, attn_dim:]
-        # residual + gate * (W_a attn + b) for every token, then the MLP half: text rows directly,
-        # image rows merged (one MLP pass over [text, merged image rows])
-        with_attn = torch.addcmul(residual, gate_b, F.linear(attn_output, w_attn, bias))
+        # the MLP half on [text, merged image rows]; the unmerge adds gate * (W_a attn + b), the
+        # attention half for every token, in its launch
+        attn_part = F.linear(attn_output, w_attn, bias)
         rows = ctx.merge("mlp", norm_hidden_states, prefix=text_len)
         mlp_out = F.linear(self.act_mlp(self.proj_mlp(rows)), w_mlp)
-        return _clip_fp16(ctx.finish("mlp", mlp_out, residual=with_attn, gate=gate, prefix=text_len))
+        return _clip_fp16(ctx.finish("mlp", mlp_out, residual=residual, gate=gate, prefix=text_len,
+                                     addend=attn_part))
     else:  # exact (diffusers' computation); protected steps also split the image output for the cache
         ctx.note("attn", ctx.num_tokens)
         ctx.note("mlp", ctx.num_tokens)

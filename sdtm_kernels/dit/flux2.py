@@ -152,14 +152,14 @@ class ImageSpan:
         prefix, suffix = self.around
         return ctx.merge(sublayer, x, prefix=prefix, suffix=suffix)
 
-    def finish(self, ctx, sublayer, y, residual, gate, cache_names=None):
+    def finish(self, ctx, sublayer, y, residual, gate, cache_names=None, addend=None):
         """``residual + gate * y`` at full length: ``ctx.finish`` unmerges the generated rows (cache
         blend; protected steps store their cache) and gives the rows around them ``residual + gate * y``
         in the same launch. Merging runs with ``[B, 1, C]`` gates only (``_exact_modes``); per-token gates
-        reach only the stock expression of unmerged steps."""
+        reach only the stock expression of unmerged steps. ``addend``: ``+ gate * addend`` (``ctx.finish``)."""
         prefix, suffix = self.around
         return ctx.finish(sublayer, y, residual=residual, gate=gate, cache_names=cache_names, prefix=prefix,
-                          suffix=suffix)
+                          suffix=suffix, addend=addend)
 
     def rotary(self, ctx, sublayer, rotary, offset: int):
         """The ``(cos, sin)`` table of the rows ``sublayer`` runs on; the stream starts at ``offset``
@@ -175,11 +175,6 @@ class ImageSpan:
         table = ctx.state.stacked_rotary(rotary)  # [2, S, D], stacked once per call
         rows = gather_entries(table, 1, rep.to(table.device), lo, hi)  # [text, merged rows, references]
         return rows[0], rows[1]
-
-
-def _gated_add(residual, gate, y):
-    """``residual + gate * y`` in one launch (``addcmul``, rounded once); ``[B, C]`` gates broadcast."""
-    return torch.addcmul(residual, gate.unsqueeze(1) if gate.dim() == 2 else gate, y)
 
 
 def rows_of(modulation, lo: int, hi: int):
@@ -317,9 +312,9 @@ def single_forward(self, hidden_states, encoder_hidden_states, temb_mod, image_r
         ctx.note("attn", span.size)
         mlp_in = F.linear(span.merge(ctx, "mlp", norm_hidden_states), weight_in[qkv_cols:],
                           None if bias_in is None else bias_in[qkv_cols:])
-        with_attn = _gated_add(residual, mod_gate, F.linear(attn_output, weight_out[:, :attn_cols], bias_out))
+        attn_part = F.linear(attn_output, weight_out[:, :attn_cols], bias_out)  # gated and added by the unmerge
         mlp_out = F.linear(attn.mlp_act_fn(mlp_in), weight_out[:, attn_cols:])
-        hidden_states = span.finish(ctx, "mlp", mlp_out, with_attn, mod_gate)
+        hidden_states = span.finish(ctx, "mlp", mlp_out, residual, mod_gate, addend=attn_part)
     else:  # exact, protected or SSM (both branches on the merged rows): the processor's computation
         rows = span.merge(ctx, "attn", norm_hidden_states)
         ctx.note("mlp", ctx.num_rows if ctx.merges("attn") else span.size)

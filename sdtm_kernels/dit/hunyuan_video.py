@@ -267,11 +267,15 @@ def _single(self, hidden_states, encoder_hidden_states, temb, attention_mask, im
         weight, bias = linear_weights(self.proj_out)  # LoRA on proj_out included (PEFT, unfused)
         attn_dim = residual.shape[-1]
         attn_part = F.linear(torch.cat([attn_output, context_attn_output], dim=1), weight[:, :attn_dim], bias)
-        with_attn = regated(torch.addcmul(residual, gate_b, attn_part), residual, attn_part)
         rows = ctx.merge("mlp", norm_hidden_states, prefix=prefix, suffix=text_len)
         mlp_out = F.linear(self.act_mlp(self.proj_mlp(rows)), weight[:, attn_dim:])
-        hidden_states = regated(ctx.finish("mlp", mlp_out, residual=with_attn, gate=gate, prefix=prefix,
-                                           suffix=text_len), with_attn, mlp_out)
+        if prefix_gate is None:  # the unmerge adds gate * attn_part (the attention half) in its launch
+            hidden_states = ctx.finish("mlp", mlp_out, residual=residual, gate=gate, prefix=prefix, suffix=text_len,
+                                       addend=attn_part)
+        else:  # token replace: the first frame's rows take their own gate on both halves
+            with_attn = regated(torch.addcmul(residual, gate_b, attn_part), residual, attn_part)
+            hidden_states = regated(ctx.finish("mlp", mlp_out, residual=with_attn, gate=gate, prefix=prefix,
+                                               suffix=text_len), with_attn, mlp_out)
         return hidden_states[:, :end], hidden_states[:, end:]
     # exact (diffusers' computation); protected steps also split the grid rows for the cache
     ctx.note("attn", ctx.num_tokens)

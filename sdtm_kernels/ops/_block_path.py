@@ -76,7 +76,7 @@ class BlockApply:
                                               prefix=prefix, suffix=suffix)
         return None
 
-    def unmerge(self, plan, y, residual, gate, cache, mcw, gate_first, prefix, suffix):
+    def unmerge(self, plan, y, residual, gate, cache, mcw, gate_first, prefix, suffix, addend=None):
         """``plan.unmerge(y, ...)``, or None where the checked path must run."""
         if prefix.__class__ is not int or suffix.__class__ is not int or prefix < 0 or suffix < 0 \
                 or y.__class__ is not torch.Tensor or y.dim() != 3 or torch.compiler.is_compiling() \
@@ -87,12 +87,17 @@ class BlockApply:
         if taken is None:
             return None
         y, strides = taken
-        res_arg = cache_arg = self.kernels.NO_TENSOR  # (tensor, its first 2 strides) or (None, 0, 0)
+        res_arg = cache_arg = add_arg = self.kernels.NO_TENSOR  # (tensor, its first 2 strides) or (None, 0, 0)
         if residual is not None:
             taken = self._takes(residual, (batch, prefix + plan.num_tokens + suffix, channels), dtype)
             if taken is None:
                 return None
             res_arg = (taken[0], taken[1][0], taken[1][1])
+        if addend is not None:
+            taken = self._takes(addend, (batch, prefix + plan.num_tokens + suffix, channels), dtype)
+            if taken is None:
+                return None
+            add_arg = (taken[0], taken[1][0], taken[1][1])
         if cache is not None:
             taken = self._takes(cache, (batch, plan.num_tokens, channels), dtype)
             if taken is None:
@@ -108,7 +113,8 @@ class BlockApply:
             blend = plan._blend_u8 = (plan.blend.view(torch.uint8), *self.row_strides)  # the rows' layout
         return self.kernels.gather_launch(y, strides, plan.row_of_token, self.row_strides, plan.num_tokens,
                                           residual=res_arg, gate=gate, cache=cache_arg, blend=blend,
-                                          mcw=float(mcw), gate_first=bool(gate_first), prefix=prefix, suffix=suffix)
+                                          mcw=float(mcw), gate_first=bool(gate_first), prefix=prefix, suffix=suffix,
+                                          addend=add_arg)
 
 
 class BlockPlanner:

@@ -209,13 +209,29 @@ def plan_prune(x, rep_token, backend: str, prefix: int = 0, suffix: int = 0):
     return torch.ops.sdtm.prune(x, rep_token, backend)
 
 
+def _check_addend(addend, y, length):
+    check_tensor("addend", addend, ndim=3, dtypes=FLOAT_DTYPES)
+    if addend.shape[0] != y.shape[0] or addend.shape[1] != length or addend.shape[2] != y.shape[2]:
+        raise ValueError(f"addend must have shape {[y.shape[0], length, y.shape[2]]} (the output's), "
+                         f"got {list(addend.shape)}")
+    if addend.dtype != y.dtype:
+        raise TypeError(f"addend has dtype {addend.dtype} but y has {y.dtype}")
+    check_same_device("addend", addend, "y", y)
+
+
 def plan_unmerge(y, row_of_token, residual, gate, cache, blend, mcw, gate_first, backend: str,
-                 prefix: int = 0, suffix: int = 0):
+                 prefix: int = 0, suffix: int = 0, addend=None):
     """``unmerge`` for a trusted plan: the plan tensors' values are not checked again. ``prefix`` /
     ``suffix``: rows of ``y`` (and ``residual``) around the plan's rows, which take
-    ``residual + gate * y`` and no cache."""
+    ``residual + gate * y`` and no cache. ``addend`` (shaped like the output): ``+ gate * addend``."""
     if y.dim() != 3 or y.shape[0] != row_of_token.shape[0]:
         raise ValueError(f"y must have shape [B={row_of_token.shape[0]}, M, C], got {list(y.shape)}")
+    if addend is not None:
+        _check_addend(addend, y, row_of_token.shape[1] + prefix + suffix)
+        if backend != "reference" and not _direct(y, residual, gate, cache, addend):
+            # the registered op has no addend: fold it into the residual (autograd, torch.compile)
+            residual = ref.passthrough(addend, residual, gate)
+            addend = None
     span_y, span_residual = y, residual
     if prefix or suffix:
         num_tokens = row_of_token.shape[1]
@@ -229,10 +245,10 @@ def plan_unmerge(y, row_of_token, residual, gate, cache, blend, mcw, gate_first,
     mcw = _check_unmerge_args(span_y, row_of_token, span_residual, gate, cache, None, mcw, check_values=False)
     if backend == "reference":
         return ref.unmerge_span(y, row_of_token, residual=residual, gate=gate, cache=cache, blend=blend, mcw=mcw,
-                                gate_first=gate_first, trusted=True, prefix=prefix, suffix=suffix)
+                                gate_first=gate_first, trusted=True, prefix=prefix, suffix=suffix, addend=addend)
     if _direct(y, residual, gate, cache):
         return _merge_kernels().unmerge(y, row_of_token, residual=residual, gate=gate, cache=cache, blend=blend,
-                                        mcw=mcw, gate_first=gate_first, prefix=prefix, suffix=suffix)
+                                        mcw=mcw, gate_first=gate_first, prefix=prefix, suffix=suffix, addend=addend)
     if prefix or suffix:
         y_head, y_span, y_tail = ref.span_parts(y, prefix, suffix)
         r_head, r_span, r_tail = ref.span_parts(residual, prefix, suffix) if residual is not None else (None,) * 3
