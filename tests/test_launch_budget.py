@@ -13,10 +13,11 @@ chunk pass that spreads long rows over many programs; SSM rows are at most one w
 merges skip it), 1 unmerge). The random dst positions of a whole step are one draw per call,
 outside the blocks. Flux, counted per block type: double blocks 5 (SSM; the batch mean of the
 shared-plan metric, only with batch > 1, and the rotary gather, one launch into a per-call buffer
-that holds the text entries) and 7 (IDM); single blocks 5 (SSM) and 8 (IDM): the text rows of the
+that holds the text entries) and 7 (IDM); single blocks 5 (SSM) and 7 (IDM): the text rows of the
 joint sequence pass through the merge and the unmerge (``prefix``: no join, no separate text
-epilogue) and SSM steps blend one cache of the whole gated output; on IDM steps the attention half of ``proj_out`` is applied apart (its residual add is
-one launch more than the stock fused projection). ``BUDGET`` holds each type to the budget.
+epilogue), SSM steps blend one cache of the whole gated output, and on IDM steps the unmerge adds
+the gated attention half of ``proj_out`` (``addend``) in its launch. ``BUDGET`` holds each type to
+the budget.
 """
 import pytest
 
