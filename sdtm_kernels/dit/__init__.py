@@ -4,7 +4,7 @@ and transformers (DiT, PixArt, SD3/SD3.5, Flux.1, Flux.2, Qwen-Image, Wan, Hunyu
 blocks. Importing this package does not import diffusers (only ``apply_sdtm`` looks for it).
 
 Modules: ``config`` (SDTMConfig, PRESETS), ``state`` (SDTMState: steps, schedule, li, cache,
-statistics), ``core`` (per-block decisions, merged sub-layers), ``generic`` (user blocks), ``describe``
+statistics; its parts in ``steps``, ``buffers``, ``block_plans``), ``core`` (per-block decisions, merged sub-layers), ``generic`` (user blocks), ``describe``
 (other DiTs from a few-line block description: ``describe_block``),
 ``basic`` / ``sd3`` / ``flux`` / ``flux2`` / ``wan`` / ``qwen_image`` / ``hunyuan_video`` (diffusers block
 forwards), ``patch`` (apply/remove), ``pipelines`` (patched pipeline calls), ``parallel`` (context
