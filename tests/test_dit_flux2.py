@@ -291,14 +291,14 @@ def test_single_block_two_stream_call_and_paper_options():
 
 # -- kernel launches SDTM adds per merged block (Triton backend, batch 2; the issue's budget: 8) --------
 # The text rows and the reference tokens pass through the merge and the unmerge. The per-call work falls
-# into the double block (the first): the rotary stack, one copy per fixed part of its gather buffer
+# into the double block (the first): the rotary stack, one join of the fixed parts of its gather buffer
 # (text, references). Single block IDM, 8 = batch-mean metric 1 + plan 5 + merge 2 + unmerge 1 (which
 # adds the gated attention half of ``to_out``) + one matmul more: the fused ``to_qkv_mlp_proj`` runs as two
 # (q, k, v over every token, the MLP columns over the merged rows; the split ``to_out``'s two matmuls
 # replace the stock join), minus the stock residual add the unmerge does.
 LAUNCHES = {  # references: {block type: (SSM, IDM)}
     (): {"Flux2TransformerBlock": (7, 7), "Flux2SingleTransformerBlock": (5, 8)},
-    ((4, 4),): {"Flux2TransformerBlock": (8, 7), "Flux2SingleTransformerBlock": (5, 8)},
+    ((4, 4),): {"Flux2TransformerBlock": (7, 7), "Flux2SingleTransformerBlock": (5, 8)},
 }
 
 

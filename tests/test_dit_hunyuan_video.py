@@ -208,7 +208,7 @@ def test_patched_blocks_read_no_tensor_value_on_the_host(kind):
 # entries, on SSM steps a dense copy of the patch embedding's channel-major stream (t2v: 6 in later blocks).
 LAUNCHES = {  # kind: {block type: (SSM, IDM)}
     "t2v": {"HunyuanVideoTransformerBlock": (9, 7), "HunyuanVideoSingleTransformerBlock": (6, 7)},
-    "token_replace": {"HunyuanVideoTokenReplaceTransformerBlock": (7, 5),
+    "token_replace": {"HunyuanVideoTokenReplaceTransformerBlock": (6, 5),
                       "HunyuanVideoTokenReplaceSingleTransformerBlock": (5, 8)},
 }
 

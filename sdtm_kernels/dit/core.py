@@ -187,13 +187,9 @@ def gather_entries(table, dim: int, rep, prefix: int, end: int):
     if buffers is None:
         buffers = table._sdtm_gathered = {}
     buffer = buffers.get((prefix, end, rows))
-    if buffer is None:
-        shape = list(table.shape)
-        shape[dim] = prefix + rows + tail
-        buffer = buffers[prefix, end, rows] = table.new_empty(shape)
-        for start, length, source in ((0, prefix, 0), (prefix + rows, tail, end)):
-            if length:
-                buffer.narrow(dim, start, length).copy_(table.narrow(dim, source, length))
+    if buffer is None:  # one launch: the fixed entries around any `rows` entries the gathers overwrite
+        parts = (table.narrow(dim, 0, prefix), middle.narrow(dim, 0, rows), table.narrow(dim, end, tail))
+        buffer = buffers[prefix, end, rows] = torch.cat([part for part in parts if part.shape[dim]], dim=dim)
     torch.index_select(middle, dim, rep, out=buffer.narrow(dim, prefix, rows))
     return buffer
 
