@@ -221,10 +221,11 @@ def legend_lines():
 
 METHODS = {
     "host time per merged block": (
-        "one block of the model family at tiny sizes (C=32, 8x8 tokens, batch 2, 1 thread; compute small "
-        "next to the dispatch) called on its own many times, unpatched and merged by SDTM (triton backend, "
-        "first SSM and IDM step), median call; SDTM's host time = merged block - unpatched block, target <= 20% "
-        "of the unpatched block. On a GPU kernels run asynchronously, so this wall time is the host time. On CPU "
+        "one block of the model family at tiny sizes (C=32, 8x8 tokens per frame, 2 frames for video, batch 2, "
+        "1 thread; compute small next to the dispatch) called on its own many times, unpatched and merged by "
+        "SDTM (triton backend, first SSM and IDM step), median call; SDTM's host time = merged block - "
+        "unpatched block, target <= 20% of the unpatched block. On a GPU kernels run asynchronously, so this "
+        "wall time is the host time. On CPU "
         "the Triton interpreter runs the kernels in Python, which is not host time and slows the host code after "
         "it (caches, garbage collector): each launch is run once in the interpreter and replayed in the timed "
         "calls (its saved outputs copied back), the time inside a launch is subtracted and a real Triton "
