@@ -440,8 +440,10 @@ def segment_launch(src, src_strides, members, member_strides, row_start, start_s
     out = torch.empty(batch, total, channels, dtype=out_dtype or src.dtype, device=src.device)
     if batch == 0 or channels == 0 or total == 0:
         return out
-    if num_rows == 0:  # only passthrough rows
-        return out.copy_(src)
+    if num_rows == 0:  # only passthrough rows (an empty span: N = 0; a plan never has M = 0 < N)
+        out.narrow(1, 0, prefix).copy_(src.narrow(1, 0, prefix))
+        out.narrow(1, prefix, suffix).copy_(src.narrow(1, prefix + num_tokens, suffix))
+        return out
     cfg = _segment_config(batch, num_tokens, num_rows, channels)
     block_c, acc_dtype = cfg["block_c"], _ACC_DTYPES.get(src.dtype, tl.float32)
     has_blend = blend[0] is not None

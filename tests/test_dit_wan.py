@@ -449,3 +449,15 @@ def test_wan22_pipeline_with_only_the_second_expert():
     torch.testing.assert_close(out[0], ref[0], rtol=0, atol=0)
     sk.remove_sdtm(pipe)
     assert not sdtm_hooked(low)
+
+
+def test_wan22_pipeline_whose_second_expert_is_the_first():
+    """``transformer_2 is transformer`` (one module loaded for both stages): patched once, one state."""
+    model, run = build_wan("t2v", layers=1, seed=0)
+    pipe = FakeWan22Pipeline(model, run.call, model, run.call, boundary=2)
+    sk.apply_sdtm(pipe, ratio=0.5, deviation=0.1, switch_step=2, protect_steps=3)
+    pipe(num_inference_steps=5)
+    assert [r["step"] for r in get_state(model).stats] == [0, 1, 2, 3, 4]
+    assert sk.dit.summary(pipe).experts == []
+    sk.remove_sdtm(pipe)
+    assert not sdtm_hooked(model)

@@ -167,3 +167,25 @@ def test_bad_addend():
         plan.unmerge(y, residual=_tokens(B, N, C), addend=_tokens(B, N + 1, C), backend="triton")
     with pytest.raises(TypeError, match="addend has dtype"):
         plan.unmerge(y, residual=_tokens(B, N, C), addend=_tokens(B, N, C, dtype=torch.bfloat16), backend="reference")
+
+
+def test_addend_on_the_autograd_path_checks_the_residual_first():
+    """The registered op has no addend: it is folded into the residual, after the residual's checks."""
+    plan = PLANS["ssm"]
+    y = _tokens(B, plan.num_rows, C).requires_grad_(True)
+    addend, gate = _tokens(B, N, C), _tokens(B, C)
+    with pytest.raises(ValueError, match="residual must have shape"):
+        plan.unmerge(y, residual=_tokens(B, 1, C), gate=gate, addend=addend, backend="triton")
+    with pytest.raises(TypeError, match="residual has dtype"):
+        plan.unmerge(y, residual=_tokens(B, N, C).double(), gate=gate, addend=addend, backend="triton")
+    with pytest.raises(ValueError, match="gate must have rank 2"):
+        plan.unmerge(y, residual=_tokens(B, N, C), gate=gate[:, None], addend=addend, backend="triton")
+
+
+def test_launcher_span_without_rows_copies_the_rows_around_it():
+    from sdtm_kernels.csrc_triton import merge as kernels
+
+    x = _tokens(B, 3 + 2, C)  # prefix 3, an empty span, suffix 2
+    empty = torch.zeros(B, 0, dtype=torch.int32)
+    out = kernels.merge_mean(x, empty, torch.zeros(B, 1, dtype=torch.int32), prefix=3, suffix=2)
+    assert torch.equal(out, x)

@@ -116,7 +116,8 @@ class BlockContext:
         merging (else ``addcmul(residual, gate, addend)`` first: the residual the stock block adds).
         """
         if addend is not None and not self.merges(sublayer):
-            residual = torch.addcmul(residual, gate.unsqueeze(1) if gate.dim() == 2 else gate, addend)
+            residual = residual + addend if gate is None else torch.addcmul(
+                residual, gate.unsqueeze(1) if gate.dim() == 2 else gate, addend)
             addend = None
         if self.merges(sublayer):
             cfg = self.state.config

@@ -358,7 +358,9 @@ def _other_transformers(pipe):
     if pipe is None or not isinstance(getattr(pipe, "transformer", None), torch.nn.Module):
         return []  # no pipe.transformer: transformer_2, if any, is the one (_split)
     other = getattr(pipe, "transformer_2", None)
-    return [_unwrap(other)] if isinstance(other, torch.nn.Module) else []
+    if not isinstance(other, torch.nn.Module) or _unwrap(other) is _unwrap(pipe.transformer):
+        return []  # none, or the same module twice (one state drives it)
+    return [_unwrap(other)]
 
 
 @dataclasses.dataclass

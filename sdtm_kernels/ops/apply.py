@@ -228,10 +228,6 @@ def plan_unmerge(y, row_of_token, residual, gate, cache, blend, mcw, gate_first,
         raise ValueError(f"y must have shape [B={row_of_token.shape[0]}, M, C], got {list(y.shape)}")
     if addend is not None:
         _check_addend(addend, y, row_of_token.shape[1] + prefix + suffix)
-        if backend != "reference" and not _direct(y, residual, gate, cache, addend):
-            # the registered op has no addend: fold it into the residual (autograd, torch.compile)
-            residual = ref.passthrough(addend, residual, gate)
-            addend = None
     span_y, span_residual = y, residual
     if prefix or suffix:
         num_tokens = row_of_token.shape[1]
@@ -243,6 +239,9 @@ def plan_unmerge(y, row_of_token, residual, gate, cache, blend, mcw, gate_first,
         span_y = y.narrow(1, prefix, y.shape[1] - prefix - suffix)
         span_residual = None if residual is None else residual.narrow(1, prefix, num_tokens)
     mcw = _check_unmerge_args(span_y, row_of_token, span_residual, gate, cache, None, mcw, check_values=False)
+    if addend is not None and backend != "reference" and not _direct(y, residual, gate, cache, addend):
+        # the registered op has no addend: fold it into the (checked) residual (autograd, torch.compile)
+        residual, addend = ref.passthrough(addend, residual, gate), None
     if backend == "reference":
         return ref.unmerge_span(y, row_of_token, residual=residual, gate=gate, cache=cache, blend=blend, mcw=mcw,
                                 gate_first=gate_first, trusted=True, prefix=prefix, suffix=suffix, addend=addend)
