@@ -4,12 +4,13 @@ and transformers (DiT, PixArt, SD3/SD3.5, Flux.1, Flux.2, Qwen-Image, Wan, Hunyu
 blocks. Importing this package does not import diffusers (only ``apply_sdtm`` looks for it).
 
 Modules: ``config`` (SDTMConfig, PRESETS), ``state`` (SDTMState: steps, schedule, li, cache,
-statistics; its parts in ``steps``, ``buffers``, ``block_plans``), ``core`` (per-block decisions, merged sub-layers), ``generic`` (user blocks), ``describe``
-(other DiTs from a few-line block description: ``describe_block``),
-``basic`` / ``sd3`` / ``flux`` / ``flux2`` / ``wan`` / ``qwen_image`` / ``hunyuan_video`` (diffusers block
-forwards), ``patch`` (apply/remove), ``pipelines`` (patched pipeline calls), ``parallel`` (context
-parallelism), ``hooks`` (the diffusers hooks ``apply_sdtm`` registers; imports diffusers), ``summarize``
-(``summary``: what is patched and what the last generation did), ``adapters`` (LoRA weights).
+statistics; its parts in ``steps``, ``buffers``, ``block_plans``), ``core`` (per-block decisions, merged
+sub-layers), ``generic`` (user blocks), ``describe`` (other DiTs from a few-line block description:
+``describe_block``), ``basic`` / ``sd3`` / ``flux`` / ``flux2`` / ``wan`` / ``qwen_image`` / ``hunyuan_video``
+(diffusers block forwards), ``patch`` (apply/remove), ``registry`` (which blocks and token grids: the
+families), ``pipelines`` (patched pipeline calls), ``parallel`` (context parallelism), ``hooks`` (the
+diffusers hooks ``apply_sdtm`` registers; imports diffusers), ``summarize`` (``summary``: what is patched
+and what the last generation did), ``adapters`` (LoRA weights).
 """
 from .config import PRESETS, SDTMConfig
 from .core import BlockContext, block_context, run_merged

@@ -6,7 +6,7 @@ sub-modules are instead of mirroring its forward::
 
     describe_block(LTXVideoTransformerBlock, attn="attn1", cross="attn2", ff="ff", rotary="image_rotary_emb",
                    grid=lambda args: (args["num_frames"], args["height"], args["width"]))
-    apply_sdtm(pipe)      # patches every LTXVideoTransformerBlock (patch._family asks forward_for)
+    apply_sdtm(pipe)      # patches every LTXVideoTransformerBlock (registry._family asks forward_for)
 
 The block's own forward runs unchanged, inside ``described_forward`` (its SDTM block hook), and SDTM
 hooks the described sub-modules (diffusers hooks named "sdtm": ``remove_sdtm`` takes them out). The
@@ -496,7 +496,7 @@ class GridReader:
         if callable(spec):
             grid = spec(arguments)
         else:
-            from .patch import latent_grid
+            from .registry import latent_grid
 
             grid = latent_grid(arguments.get(spec[0]), spec[1])
         if grid is not None and not (isinstance(grid, (tuple, list)) and len(grid) in (2, 3)

@@ -285,7 +285,7 @@ class SDTMTransformerHook(ModelHook):
         arguments = self.signature(module).bind_partial(module, *args, **kwargs).arguments
         encoder = arguments.get("encoder_hidden_states")
         text_len = encoder.shape[1] if isinstance(encoder, torch.Tensor) and encoder.dim() == 3 else None
-        from .patch import _token_grid
+        from .registry import _token_grid
 
         warned = len(state._warned)
         grid = _token_grid(state, module, arguments)

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from .adapters import linear_weights
 from .core import block_context, gather_entries
-from .patch import latent_grid
+from .registry import latent_grid
 
 _DIFFUSERS_MODULE = "diffusers.models.transformers.transformer_hunyuan_video"
 
@@ -307,7 +307,7 @@ def token_replace_single_forward(self, hidden_states, encoder_hidden_states, tem
                    token_replace_emb, num_tokens, token_replace=True)
 
 
-# -- registration (patch.FAMILY_MODULES) ----------------------------------------------------------
+# -- registration (registry.FAMILY_MODULES) ----------------------------------------------------------
 def _double(cls):
     return double_forward, supports
 

@@ -42,7 +42,7 @@ value, since a conditioning first frame holds 0 at every step.
 import torch
 
 from .core import block_context
-from .patch import latent_grid
+from .registry import latent_grid
 
 
 def _attention_processor_class():
