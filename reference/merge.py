@@ -183,15 +183,21 @@ def passthrough(y, residual=None, gate=None, addend=None) -> torch.Tensor:
     return _finish_epilogue(value, residual, gate, addend, compute).to(y.dtype)
 
 
+def around_span(y, residual, gate, addend, prefix: int, suffix: int, unmerge_span_rows) -> torch.Tensor:
+    """``[rows before, unmerge_span_rows(y_span, residual_span, addend_span), rows after]``: the rows of
+    ``y`` around the span get the passthrough epilogue (``residual`` and ``addend`` full length)."""
+    y_head, y_span, y_tail = span_parts(y, prefix, suffix)
+    r_head, r_span, r_tail = span_parts(residual, prefix, suffix) if residual is not None else (None,) * 3
+    a_head, a_span, a_tail = span_parts(addend, prefix, suffix) if addend is not None else (None,) * 3
+    return join_span(passthrough(y_head, r_head, gate, a_head), unmerge_span_rows(y_span, r_span, a_span),
+                     passthrough(y_tail, r_tail, gate, a_tail))
+
+
 def unmerge_span(y, row_of_token, residual=None, gate=None, cache=None, blend=None, mcw=1.0,
                  gate_first=False, trusted=False, prefix=0, suffix=0, addend=None) -> torch.Tensor:
     """``unmerge`` of the span of ``y [B, prefix + M + suffix, C]``, the rows around it passed
     through (``residual`` and ``addend`` full length; ``cache`` and ``blend`` cover the span's tokens)."""
     if not prefix and not suffix:
         return unmerge(y, row_of_token, residual, gate, cache, blend, mcw, gate_first, trusted, addend)
-    y_head, y_span, y_tail = span_parts(y, prefix, suffix)
-    r_head, r_span, r_tail = span_parts(residual, prefix, suffix) if residual is not None else (None,) * 3
-    a_head, a_span, a_tail = span_parts(addend, prefix, suffix) if addend is not None else (None,) * 3
-    return join_span(passthrough(y_head, r_head, gate, a_head),
-                     unmerge(y_span, row_of_token, r_span, gate, cache, blend, mcw, gate_first, trusted, a_span),
-                     passthrough(y_tail, r_tail, gate, a_tail))
+    return around_span(y, residual, gate, addend, prefix, suffix, lambda y_span, r_span, a_span: unmerge(
+        y_span, row_of_token, r_span, gate, cache, blend, mcw, gate_first, trusted, a_span))

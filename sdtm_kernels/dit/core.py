@@ -115,10 +115,6 @@ class BlockContext:
         too and never blended: ``residual + gate * addend + [the above]``, in the same launch when
         merging (else ``addcmul(residual, gate, addend)`` first: the residual the stock block adds).
         """
-        if addend is not None and not self.merges(sublayer):
-            residual = residual + addend if gate is None else torch.addcmul(
-                residual, gate.unsqueeze(1) if gate.dim() == 2 else gate, addend)
-            addend = None
         if self.merges(sublayer):
             cfg = self.state.config
             gate2 = gate if gate is None or gate.dim() == 2 else gate.reshape(gate.shape[0], gate.shape[-1])
@@ -136,6 +132,9 @@ class BlockContext:
                 cache = part if cache is None else cache + part
             return unmerge_sublayer(self.plan, y, residual, gate2, cache, cfg.mcw, cfg.backend, prefix, suffix,
                                     addend)
+        if addend is not None:
+            residual = residual + addend if gate is None else torch.addcmul(
+                residual, gate.unsqueeze(1) if gate.dim() == 2 else gate, addend)
         gated = y if gate is None else gate_times(gate, y)
         if self.mode == "protected":
             self.state.set_cache(self.slot, sublayer, gated.narrow(1, prefix, gated.shape[1] - prefix - suffix)

@@ -248,9 +248,9 @@ def plan_unmerge(y, row_of_token, residual, gate, cache, blend, mcw, gate_first,
     if _direct(y, residual, gate, cache):
         return _merge_kernels().unmerge(y, row_of_token, residual=residual, gate=gate, cache=cache, blend=blend,
                                         mcw=mcw, gate_first=gate_first, prefix=prefix, suffix=suffix, addend=addend)
-    if prefix or suffix:
-        y_head, y_span, y_tail = ref.span_parts(y, prefix, suffix)
-        r_head, r_span, r_tail = ref.span_parts(residual, prefix, suffix) if residual is not None else (None,) * 3
-        span = torch.ops.sdtm.unmerge(y_span, row_of_token, r_span, gate, cache, blend, mcw, gate_first, backend)
-        return ref.join_span(ref.passthrough(y_head, r_head, gate), span, ref.passthrough(y_tail, r_tail, gate))
+    if prefix or suffix:  # the registered op on the span (the addend is folded in above)
+        def span_op(y_span, r_span, _):
+            return torch.ops.sdtm.unmerge(y_span, row_of_token, r_span, gate, cache, blend, mcw, gate_first, backend)
+
+        return ref.around_span(y, residual, gate, None, prefix, suffix, span_op)
     return torch.ops.sdtm.unmerge(y, row_of_token, residual, gate, cache, blend, mcw, gate_first, backend)
